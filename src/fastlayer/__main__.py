@@ -1,0 +1,3 @@
+from fastlayer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""`fastlayer stream-nix`: nixpkgs' streamLayeredImage script, as a drop-in."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fastlayer.nixconf import load_conf, stream_conf
+from fastlayer.sinks.output import output_fd
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stream-nix",
+        help="stream an image from nixpkgs' stream_layered_image.py conf JSON",
+        description="Take the conf JSON of nixpkgs' streamLayeredImage script and write "
+        "the same docker-archive (same layers, config and manifest), reading each file once.",
+    )
+    p.add_argument("conf", help="the conf JSON (store_layers, config, customisation_layer, ...)")
+    p.add_argument("-t", "--repo_tag", "--repo-tag", dest="repo_tag",
+                   help="override the RepoTags of the conf")  # fmt: skip
+    p.add_argument("-o", "--output", help="write to this file atomically (default: stdout)")
+    p.add_argument(
+        "--root",
+        help="read every path of the conf under this directory (a chroot store: "
+        "/nix/store/x is read from ROOT/nix/store/x and archived as /nix/store/x)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    conf = load_conf(args.conf)
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    if args.output in (None, "-") and sys.stdout.isatty():
+        from fastlayer.errors import FastlayerError
+
+        raise FastlayerError("refusing to write an image to a terminal; use -o FILE or a pipe")
+    with output_fd(args.output) as fd:
+        stream_conf(conf, fd, repo_tag=args.repo_tag, root=args.root, log=log)
+    return 0

@@ -1,0 +1,143 @@
+"""Single-pass layer emission: walk, then read, hash and ship each byte once.
+
+Three threads form a pipeline over a small pool of buffers: the native
+reader fills a buffer (GIL released), the hasher runs sha256 over it
+(OpenSSL releases the GIL for large updates), the writer hands it to the
+sink. On two cores reading+writing and hashing overlap, so a layer costs
+about as much as hashing it alone. Memory stays at the pool's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from fastlayer._native.tarstream import LayerSourceError, LayerStream
+from fastlayer.errors import FastlayerError
+
+BUFSIZE = 1 << 20
+NBUF = 8
+
+# nixpkgs starts every store layer with these two directories, mode 0755.
+NIX_LEAD_DIRS = [(b"/nix", 0o755), (b"/nix/store", 0o755)]
+
+
+@dataclass(frozen=True)
+class Owner:
+    """What every entry of a generated layer carries, whatever is on disk."""
+
+    mtime: int = 1
+    uid: int = 0
+    gid: int = 0
+    uname: str = "root"
+    gname: str = "root"
+
+
+def archive_name(path: str) -> str:
+    """The absolute archive name tarfile gives a path (pathlib-normalised)."""
+    return "/" + str(PurePosixPath(path)).lstrip("/")
+
+
+def fsencode(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
+
+
+def store_layer(paths: Sequence[str], owner: Owner, root: str | None = None) -> LayerStream:
+    """Walk store paths into a layer (nixpkgs' entry order); reads nothing yet.
+
+    root: a directory the store lives under (a chroot store); entries keep
+    their store names."""
+    roots = []
+    for p in paths:
+        arc = archive_name(p)
+        fs = (root.rstrip("/") + arc) if root else arc
+        roots.append((fsencode(fs), fsencode(arc)))
+    return walk(NIX_LEAD_DIRS, roots, owner)
+
+
+def walk(
+    lead_dirs: list[tuple[bytes, int]], roots: list[tuple[bytes, bytes]], owner: Owner
+) -> LayerStream:
+    try:
+        return LayerStream(
+            lead_dirs,
+            roots,
+            owner.mtime,
+            owner.uid,
+            owner.gid,
+            fsencode(owner.uname),
+            fsencode(owner.gname),
+        )
+    except LayerSourceError as e:
+        raise FastlayerError(str(e)) from None
+
+
+_STOP = None
+
+
+def pump(stream: LayerStream, write: Callable[[memoryview], object]) -> str:
+    """Produce the whole layer into write(); returns its sha256 hex (diff_id).
+
+    Raises FastlayerError if a source file fails or changes; write() errors
+    propagate as they are."""
+    free: queue.Queue = queue.Queue()
+    to_hash: queue.Queue = queue.Queue()
+    to_write: queue.Queue = queue.Queue()
+    for _ in range(NBUF):
+        free.put(bytearray(BUFSIZE))
+    digest = hashlib.sha256()
+    failure: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            while True:
+                buf = free.get()
+                if buf is _STOP:
+                    break
+                n = stream.fill(buf)
+                to_hash.put((buf, n))
+                if n == 0:
+                    return
+        except BaseException as e:  # handed to the caller's thread below
+            failure.append(e)
+        to_hash.put((_STOP, 0))
+
+    def hash_() -> None:
+        while True:
+            buf, n = to_hash.get()
+            if buf is not _STOP and n:
+                digest.update(memoryview(buf)[:n])
+            to_write.put((buf, n))
+            if buf is _STOP or n == 0:
+                return
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (read, hash_)]
+    for t in threads:
+        t.start()
+    written = 0
+    try:
+        while True:
+            buf, n = to_write.get()
+            if buf is _STOP:
+                break
+            if n == 0:
+                break
+            write(memoryview(buf)[:n])
+            written += n
+            free.put(buf)
+    finally:
+        free.put(_STOP)
+        for t in threads:
+            t.join()
+    if failure:
+        e = failure[0]
+        if isinstance(e, LayerSourceError):
+            raise FastlayerError(str(e)) from None
+        raise e
+    if written != stream.size:  # the walk promised this size in the header
+        raise FastlayerError(f"layer size {written} differs from the planned {stream.size}")
+    return digest.hexdigest()

@@ -1,0 +1,180 @@
+"""The drop-in for nixpkgs' stream_layered_image.py: same conf JSON, same image.
+
+Same layer bytes, same config JSON bytes (so the same image ID), same
+manifest and the same outer archive, but every layer is read, hashed and
+written once (see emit.py) instead of tarred twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from fastlayer.emit import Owner, store_layer
+from fastlayer.errors import FastlayerError
+from fastlayer.sinks.docker_archive import DockerArchiveWriter
+from fastlayer.sources.base_archive import open_base_archive
+
+REQUIRED = (
+    "architecture", "config", "store_dir", "from_image", "store_layers",
+    "customisation_layer", "repo_tag", "created", "mtime", "uid", "gid", "uname", "gname",
+)  # fmt: skip
+
+_NOW = datetime.now(tz=timezone.utc)
+
+
+@dataclass
+class NixConf:
+    raw: dict[str, Any]
+    created: datetime
+    owner: Owner
+    store_dir: str
+    store_layers: list[list[str]]
+    customisation_layer: str
+    from_image: str | None
+    repo_tag: str
+
+
+def parse_time(value: str, key: str) -> datetime:
+    """ISO 8601 or "now", as the script reads it (a trailing Z works on 3.10 too)."""
+    if value == "now":
+        return _NOW
+    try:
+        return datetime.fromisoformat(re.sub(r"Z$", "+00:00", value))
+    except (TypeError, ValueError):
+        raise FastlayerError(
+            f"conf key {key!r}: not an ISO 8601 time or 'now': {value!r}"
+        ) from None
+
+
+def load_conf(path: str) -> NixConf:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise FastlayerError(f"cannot read conf {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise FastlayerError(f"conf {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise FastlayerError(f"conf {path}: expected a JSON object")
+    missing = [k for k in REQUIRED if k not in raw]
+    if missing:
+        raise FastlayerError(f"conf {path}: missing key(s) {', '.join(missing)}")
+    layers = raw["store_layers"]
+    if not (isinstance(layers, list) and all(isinstance(x, list) for x in layers)):
+        raise FastlayerError(f"conf {path}: store_layers must be a list of lists of paths")
+    try:
+        uid, gid = int(raw["uid"]), int(raw["gid"])
+    except (TypeError, ValueError):
+        raise FastlayerError(f"conf {path}: uid and gid must be integers") from None
+    mtime = int(parse_time(raw["mtime"], "mtime").timestamp())
+    return NixConf(
+        raw=raw,
+        created=parse_time(raw["created"], "created"),
+        owner=Owner(mtime=mtime, uid=uid, gid=gid, uname=raw["uname"], gname=raw["gname"]),
+        store_dir=raw["store_dir"],
+        store_layers=layers,
+        customisation_layer=raw["customisation_layer"],
+        from_image=raw["from_image"],
+        repo_tag=raw["repo_tag"],
+    )
+
+
+def merge_env(base: list[str], child: list[str]) -> list[str]:
+    """Base then child; one entry per name, the last value at the first position."""
+    merged: dict[str, str] = {}
+    for entry in base + child:
+        merged[entry.split("=", 1)[0]] = entry
+    return list(merged.values())
+
+
+@dataclass
+class _Layer:
+    checksum: str
+    path: str
+    paths: list[str]
+
+
+def _check_paths(conf: NixConf, root: str | None) -> None:
+    """Fail before the first output byte on the common mistakes."""
+    for layer in conf.store_layers:
+        for p in layer:
+            if not isinstance(p, str) or not p.startswith(conf.store_dir):
+                raise FastlayerError(f"store path {p!r} is not under store_dir {conf.store_dir}")
+            if not os.path.lexists(_on_disk(p, root)):
+                raise FastlayerError(f"store path does not exist: {_on_disk(p, root)}")
+
+
+def _on_disk(path: str, root: str | None) -> str:
+    return root.rstrip("/") + "/" + path.lstrip("/") if root else path
+
+
+def stream_conf(
+    conf: NixConf,
+    out_fd: int,
+    repo_tag: str | None = None,
+    root: str | None = None,
+    log: Any = None,
+) -> list[str]:
+    """Write the image for conf to out_fd; returns the layer diff_ids (hex)."""
+    _check_paths(conf, root)
+    checksum_file = _on_disk(os.path.join(conf.customisation_layer, "checksum"), root)
+    try:
+        with open(checksum_file) as f:
+            custom_checksum = f.read().strip()
+    except OSError as e:
+        raise FastlayerError(f"cannot read {checksum_file}: {e.strerror}") from None
+    if not re.fullmatch(r"[0-9a-f]{64}", custom_checksum):
+        raise FastlayerError(f"{checksum_file} does not hold a sha256: {custom_checksum[:80]!r}")
+    base = open_base_archive(_on_disk(conf.from_image, root)) if conf.from_image else None
+
+    mtime = conf.owner.mtime
+    out = DockerArchiveWriter(out_fd)
+    layers: list[_Layer] = []
+    if base is not None:
+        for ti, diff_id in zip(base.layers, base.diff_ids, strict=True):
+            out.add_tarinfo(ti, base.tar.extractfile(ti) if ti.isreg() else None)
+            layers.append(_Layer(re.sub(r"^sha256:", "", diff_id), ti.path, [ti.path]))
+        base.close()
+    for n, paths in enumerate(conf.store_layers, start=len(layers) + 1):
+        if log:
+            log(f"layer {n}: {len(paths)} store path(s)")
+        stream = store_layer(paths, conf.owner, root)
+        digest = out.add_layer(stream, mtime)
+        layers.append(_Layer(digest, f"{digest}/layer.tar", paths))
+    path = f"{custom_checksum}/layer.tar"
+    out.add_file(path, _on_disk(os.path.join(conf.customisation_layer, "layer.tar"), root), mtime)
+    layers.append(_Layer(custom_checksum, path, [conf.customisation_layer]))
+
+    config = conf.raw["config"]
+    if base is not None:
+        base_env = (base.config.get("config") or {}).get("Env") or []
+        if base_env or config.get("Env"):
+            config["Env"] = merge_env(base_env, config.get("Env", []))
+    created = conf.created.isoformat()
+    image = {
+        "created": created,
+        "architecture": conf.raw["architecture"],
+        "os": "linux",
+        "config": config,
+        "rootfs": {"diff_ids": [f"sha256:{x.checksum}" for x in layers], "type": "layers"},
+        "history": [{"created": created, "comment": f"store paths: {x.paths}"} for x in layers],
+    }
+    image_json = json.dumps(image, indent=4).encode("utf-8")
+    config_name = f"{hashlib.sha256(image_json).hexdigest()}.json"
+    out.add_bytes(config_name, image_json, mtime)
+    manifest = [
+        {
+            "Config": config_name,
+            "RepoTags": [repo_tag or conf.repo_tag],
+            "Layers": [x.path for x in layers],
+        }
+    ]
+    out.add_bytes("manifest.json", json.dumps(manifest, indent=4).encode("utf-8"), mtime)
+    out.close()
+    return [x.checksum for x in layers]

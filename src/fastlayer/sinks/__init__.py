@@ -1,0 +1,1 @@
+"""Where images go: docker-archive streams and files, OCI layouts, registries."""

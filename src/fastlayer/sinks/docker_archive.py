@@ -1,0 +1,129 @@
+"""docker-archive writer: the outer tar of `<diff_id>/layer.tar` entries.
+
+A layer's entry name holds its sha256, known only after its bytes. On a
+regular-file output the header's place is reserved (its length depends
+only on the size, which the walk fixed) and written back once the hash is
+known: no byte is produced twice. On a pipe each layer goes through an
+unlinked spool file first, which is then copied with sendfile.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+import tempfile
+from typing import BinaryIO
+
+from fastlayer._native.tarstream import LayerStream, pack_header
+from fastlayer.emit import pump
+
+BLOCK = 512
+RECORD = 10240
+_PLACEHOLDER_NAME = b"0" * 64 + b"/layer.tar"
+
+
+def _pad(n: int) -> bytes:
+    return b"\0" * (-n % BLOCK)
+
+
+class DockerArchiveWriter:
+    """Appends entries to an uncompressed tar written to fd, tarfile-compatible."""
+
+    def __init__(self, fd: int, spool_dir: str | None = None):
+        self.fd = fd
+        self.offset = 0  # bytes of this archive written so far
+        self.seekable = stat.S_ISREG(os.fstat(fd).st_mode)
+        # where the archive starts in the file, for writing headers back
+        self.base = os.lseek(fd, 0, os.SEEK_CUR) if self.seekable else 0
+        self.spool_dir = spool_dir
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.offset += n
+
+    def add_bytes(self, name: str, data: bytes, mtime: int) -> None:
+        """A regular file as tarfile.TarInfo(name) defaults make it (0644, root, no names)."""
+        self.write(pack_header(name.encode(), b"0", 0o644, len(data), mtime, 0, 0, b"", b""))
+        self.write(data)
+        self.write(_pad(len(data)))
+
+    def add_tarinfo(self, ti: tarfile.TarInfo, src: BinaryIO | None) -> None:
+        """Copy an entry of another archive as tarfile would (header re-encoded)."""
+        self.write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        if ti.isreg() and ti.size:
+            assert src is not None
+            left = ti.size
+            while left:
+                chunk = src.read(min(left, 1 << 20))
+                if not chunk:
+                    raise OSError(f"unexpected end of data copying {ti.name}")
+                self.write(chunk)
+                left -= len(chunk)
+            self.write(_pad(ti.size))
+
+    def add_file(self, name: str, path: str, mtime: int) -> None:
+        """A file from disk as tarfile.gettarinfo sees it, renamed, mtime forced."""
+        with tarfile.open(fileobj=_Null(), mode="w|") as helper:
+            ti = helper.gettarinfo(path)
+        ti.name = name
+        ti.mtime = mtime
+        with open(path, "rb") as f:
+            self.add_tarinfo(ti, f)
+
+    def add_layer(self, stream: LayerStream, mtime: int) -> str:
+        """Stream a layer as `<sha256>/layer.tar`; returns the sha256 hex."""
+        size = stream.size
+        if self.seekable:
+            start = self.offset
+            hdr_len = len(self._layer_header(_PLACEHOLDER_NAME, size, mtime))
+            self.write(b"\0" * hdr_len)
+            digest = pump(stream, self.write)
+            self.write(_pad(size))
+            header = self._layer_header(f"{digest}/layer.tar".encode(), size, mtime)
+            assert len(header) == hdr_len
+            os.pwrite(self.fd, header, self.base + start)
+            return digest
+        with tempfile.TemporaryFile(dir=self.spool_dir, prefix="fastlayer-spool-") as spool:
+            sfd = spool.fileno()
+
+            def to_spool(view: memoryview) -> None:
+                while view:
+                    view = view[os.write(sfd, view) :]
+
+            digest = pump(stream, to_spool)
+            self.write(self._layer_header(f"{digest}/layer.tar".encode(), size, mtime))
+            self._copy_from(sfd, size)
+        self.write(_pad(size))
+        return digest
+
+    def _copy_from(self, src_fd: int, size: int) -> None:
+        sent = 0
+        while sent < size:
+            n = os.sendfile(self.fd, src_fd, sent, min(size - sent, 1 << 30))
+            if n == 0:
+                raise OSError("spool file ended early")
+            sent += n
+        self.offset += size
+
+    @staticmethod
+    def _layer_header(name: bytes, size: int, mtime: int) -> bytes:
+        return pack_header(name, b"0", 0o644, size, mtime, 0, 0, b"", b"")
+
+    def close(self) -> None:
+        """End-of-archive blocks and padding to tarfile's record size."""
+        end = self.offset + 2 * BLOCK
+        self.write(b"\0" * (2 * BLOCK + (-end % RECORD)))
+
+
+class _Null:
+    """A write-only sink so tarfile.gettarinfo can run without an archive."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def tell(self) -> int:
+        return 0

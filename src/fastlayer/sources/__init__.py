@@ -1,0 +1,1 @@
+"""Inputs of an image that are read, never written: base images, trees, generated files."""
