@@ -24,6 +24,7 @@ typedef struct {
     size_t blob_len, blob_cap;
     fl_entry *ents;
     size_t n, cap;
+    int privileged; /* euid 0: every file is readable */
     char err[8192];
 } fl_walk;
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -57,6 +58,20 @@ def store_layer(paths: Sequence[str], owner: Owner, root: str | None = None) -> 
         fs = (root.rstrip("/") + arc) if root else arc
         roots.append((fsencode(fs), fsencode(arc)))
     return walk(NIX_LEAD_DIRS, roots, owner)
+
+
+def walk_ahead(makers: Sequence[Callable[[], LayerStream]]) -> Iterator[LayerStream]:
+    """Yield each maker's stream while the next one is walked on another thread.
+
+    The walk is syscall-bound and releases the GIL; overlapping it with the
+    previous layer's streaming takes it off the critical path."""
+    with ThreadPoolExecutor(1, thread_name_prefix="fastlayer-walk") as pool:
+        pending = pool.submit(makers[0]) if makers else None
+        for i in range(len(makers)):
+            assert pending is not None
+            stream = pending.result()
+            pending = pool.submit(makers[i + 1]) if i + 1 < len(makers) else None
+            yield stream
 
 
 def walk(

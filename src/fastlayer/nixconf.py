@@ -7,6 +7,7 @@ written once (see emit.py) instead of tarred twice.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -15,10 +16,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from fastlayer.emit import Owner, store_layer
+from fastlayer.emit import Owner, store_layer, walk_ahead
 from fastlayer.errors import FastlayerError
 from fastlayer.sinks.docker_archive import DockerArchiveWriter
-from fastlayer.sources.base_archive import open_base_archive
+from fastlayer.sources.base_archive import BaseArchive, open_base_archive
 
 REQUIRED = (
     "architecture", "config", "store_dir", "from_image", "store_layers",
@@ -133,18 +134,41 @@ def stream_conf(
         raise FastlayerError(f"{checksum_file} does not hold a sha256: {custom_checksum[:80]!r}")
     base = open_base_archive(_on_disk(conf.from_image, root)) if conf.from_image else None
 
-    mtime = conf.owner.mtime
     out = DockerArchiveWriter(out_fd)
+    try:
+        layers = _write_image(conf, out, base, custom_checksum, repo_tag, root, log)
+    except BaseException:
+        out.abort()
+        raise
+    out.close()
+    return [x.checksum for x in layers]
+
+
+def _write_image(
+    conf: NixConf,
+    out: DockerArchiveWriter,
+    base: BaseArchive | None,
+    custom_checksum: str,
+    repo_tag: str | None,
+    root: str | None,
+    log: Any,
+) -> list[_Layer]:
+    mtime = conf.owner.mtime
     layers: list[_Layer] = []
     if base is not None:
         for ti, diff_id in zip(base.layers, base.diff_ids, strict=True):
             out.add_tarinfo(ti, base.tar.extractfile(ti) if ti.isreg() else None)
             layers.append(_Layer(re.sub(r"^sha256:", "", diff_id), ti.path, [ti.path]))
         base.close()
-    for n, paths in enumerate(conf.store_layers, start=len(layers) + 1):
+    makers = [
+        functools.partial(store_layer, paths, conf.owner, root) for paths in conf.store_layers
+    ]
+    streams = walk_ahead(makers)
+    for n, (paths, stream) in enumerate(
+        zip(conf.store_layers, streams, strict=True), start=len(layers) + 1
+    ):
         if log:
-            log(f"layer {n}: {len(paths)} store path(s)")
-        stream = store_layer(paths, conf.owner, root)
+            log(f"layer {n}: {len(paths)} store path(s), {stream.size} bytes")
         digest = out.add_layer(stream, mtime)
         layers.append(_Layer(digest, f"{digest}/layer.tar", paths))
     path = f"{custom_checksum}/layer.tar"
@@ -176,5 +200,4 @@ def stream_conf(
         }
     ]
     out.add_bytes("manifest.json", json.dumps(manifest, indent=4).encode("utf-8"), mtime)
-    out.close()
-    return [x.checksum for x in layers]
+    return layers

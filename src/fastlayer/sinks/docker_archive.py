@@ -3,8 +3,8 @@
 A layer's entry name holds its sha256, known only after its bytes. On a
 regular-file output the header's place is reserved (its length depends
 only on the size, which the walk fixed) and written back once the hash is
-known: no byte is produced twice. On a pipe each layer goes through an
-unlinked spool file first, which is then copied with sendfile.
+known: no byte is produced twice. On a pipe each layer goes through a
+spool (see spool.py) copied out by a writer thread in archive order.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
-import tempfile
 from typing import BinaryIO
 
 from fastlayer._native.tarstream import LayerStream, pack_header
 from fastlayer.emit import pump
+from fastlayer.sinks.spool import OrderedWriter, Spool
 
 BLOCK = 512
 RECORD = 10240
@@ -37,8 +37,13 @@ class DockerArchiveWriter:
         # where the archive starts in the file, for writing headers back
         self.base = os.lseek(fd, 0, os.SEEK_CUR) if self.seekable else 0
         self.spool_dir = spool_dir
+        self._ordered = None if self.seekable else OrderedWriter(fd)
 
     def write(self, data: bytes | memoryview) -> None:
+        if self._ordered is not None:
+            self._ordered.put(bytes(data))
+            self.offset += len(data)
+            return
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)
@@ -87,27 +92,18 @@ class DockerArchiveWriter:
             assert len(header) == hdr_len
             os.pwrite(self.fd, header, self.base + start)
             return digest
-        with tempfile.TemporaryFile(dir=self.spool_dir, prefix="fastlayer-spool-") as spool:
-            sfd = spool.fileno()
-
-            def to_spool(view: memoryview) -> None:
-                while view:
-                    view = view[os.write(sfd, view) :]
-
-            digest = pump(stream, to_spool)
-            self.write(self._layer_header(f"{digest}/layer.tar".encode(), size, mtime))
-            self._copy_from(sfd, size)
+        spool = Spool(size, self.spool_dir)
+        try:
+            digest = pump(stream, spool.write)
+        except BaseException:
+            spool.close()
+            raise
+        self.write(self._layer_header(f"{digest}/layer.tar".encode(), size, mtime))
+        assert self._ordered is not None
+        self._ordered.put(spool)
+        self.offset += size
         self.write(_pad(size))
         return digest
-
-    def _copy_from(self, src_fd: int, size: int) -> None:
-        sent = 0
-        while sent < size:
-            n = os.sendfile(self.fd, src_fd, sent, min(size - sent, 1 << 30))
-            if n == 0:
-                raise OSError("spool file ended early")
-            sent += n
-        self.offset += size
 
     @staticmethod
     def _layer_header(name: bytes, size: int, mtime: int) -> bytes:
@@ -117,6 +113,13 @@ class DockerArchiveWriter:
         """End-of-archive blocks and padding to tarfile's record size."""
         end = self.offset + 2 * BLOCK
         self.write(b"\0" * (2 * BLOCK + (-end % RECORD)))
+        if self._ordered is not None:
+            self._ordered.close()
+
+    def abort(self) -> None:
+        """Stop the writer thread after a failure; the archive stays incomplete."""
+        if self._ordered is not None:
+            self._ordered.abort()
 
 
 class _Null:

@@ -1,0 +1,113 @@
+"""Spools: where a layer waits for its digest before a non-seekable output.
+
+A layer's archive name holds its sha256, so on a pipe its bytes must be kept
+until the hash is known. They go to an in-memory file (memfd: page cache,
+not process RSS) when the layer is small against available memory, else to
+an unlinked temporary file; either way they are copied out with sendfile
+by a writer thread, while the next layer is already being produced.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import threading
+
+# Above this share of available memory a layer spools to disk instead.
+MEMORY_SHARE = 4
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Spool:
+    """A write-once, copy-out-once anonymous file of known final size."""
+
+    def __init__(self, size: int, spool_dir: str | None = None):
+        self.size = size
+        if hasattr(os, "memfd_create") and size * MEMORY_SHARE < _available_memory():
+            self.fd = os.memfd_create("fastlayer-spool", os.MFD_CLOEXEC)
+        else:
+            self.fd, name = tempfile.mkstemp(dir=spool_dir, prefix="fastlayer-spool-")
+            os.unlink(name)
+
+    def write(self, view: memoryview) -> None:
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def copy_to(self, out_fd: int) -> None:
+        sent = 0
+        while sent < self.size:
+            n = os.sendfile(out_fd, self.fd, sent, min(self.size - sent, 1 << 30))
+            if n == 0:
+                raise OSError("spool file ended early")
+            sent += n
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class OrderedWriter:
+    """Writes bytes and spools to fd in the order given, on its own thread.
+
+    At most `depth` spools wait at once, which bounds the memory held when
+    the reader of the pipe is slower than we are."""
+
+    def __init__(self, fd: int, depth: int = 1):
+        self.fd = fd
+        self._q: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fastlayer-out", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            try:
+                if self._error is None:
+                    if isinstance(item, Spool):
+                        item.copy_to(self.fd)
+                    else:
+                        view = memoryview(item)
+                        while view:
+                            view = view[os.write(self.fd, view) :]
+            except BaseException as e:  # re-raised on the producing thread
+                self._error = e
+            finally:
+                if isinstance(item, Spool):
+                    item.close()
+                    self._slots.release()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, item: bytes | Spool) -> None:
+        self._check()
+        if isinstance(item, Spool):
+            self._slots.acquire()
+        self._q.put(item)
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+        self._check()
+
+    def abort(self) -> None:
+        self._error = self._error or RuntimeError("aborted")
+        self._q.put(None)
+        self._thread.join()
