@@ -26,12 +26,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "/nix/store/x is read from ROOT/nix/store/x and archived as /nix/store/x)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="progress lines even when stderr is no terminal",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     conf = load_conf(args.conf)
-    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    show = not args.quiet and (args.verbose or sys.stderr.isatty())
+    log = (lambda msg: print(msg, file=sys.stderr)) if show else None
     if args.output in (None, "-") and sys.stdout.isatty():
         from fastlayer.errors import FastlayerError
 
