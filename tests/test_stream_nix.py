@@ -183,3 +183,15 @@ def test_failure_mid_stream_leaves_no_file(tmp_path, conf):
     os.mkfifo(fifo)
     err = error_of(tmp_path, json.dumps(conf))
     assert f"{fifo} is a fifo" in err
+
+
+def test_appending_stdout_and_full_disk(tmp_path, conf):
+    path = str(write_conf(tmp_path, conf))
+    out = tmp_path / "appended.tar"
+    with open(out, "ab") as f:  # O_APPEND: header write-back is impossible, so it spools
+        assert run_cli("stream-nix", path, stdout=f).returncode == 0
+    assert out.read_bytes() == reference_image(copy.deepcopy(conf))
+    with open("/dev/full", "wb") as full:
+        r = run_cli("stream-nix", path, stdout=full)
+    assert r.returncode == 1
+    assert r.stderr.decode() == "fastlayer: error: No space left on device\n"

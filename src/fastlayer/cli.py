@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): not our error to report.
         return 1
+    except OSError as e:
+        # Environment failures (disk full, unwritable output): one line, no traceback.
+        where = f": {e.filename}" if e.filename else ""
+        print(f"fastlayer: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

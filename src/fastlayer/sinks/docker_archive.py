@@ -9,6 +9,7 @@ spool (see spool.py) copied out by a writer thread in archive order.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import tarfile
@@ -33,7 +34,9 @@ class DockerArchiveWriter:
     def __init__(self, fd: int, spool_dir: str | None = None):
         self.fd = fd
         self.offset = 0  # bytes of this archive written so far
-        self.seekable = stat.S_ISREG(os.fstat(fd).st_mode)
+        # pwrite ignores the offset on O_APPEND descriptors (`>> file`): spool there
+        appending = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND
+        self.seekable = stat.S_ISREG(os.fstat(fd).st_mode) and not appending
         # where the archive starts in the file, for writing headers back
         self.base = os.lseek(fd, 0, os.SEEK_CUR) if self.seekable else 0
         self.spool_dir = spool_dir

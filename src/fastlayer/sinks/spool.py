@@ -9,6 +9,7 @@ by a writer thread, while the next layer is already being produced.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import tempfile
@@ -47,10 +48,28 @@ class Spool:
     def copy_to(self, out_fd: int) -> None:
         sent = 0
         while sent < self.size:
-            n = os.sendfile(out_fd, self.fd, sent, min(self.size - sent, 1 << 30))
+            try:
+                n = os.sendfile(out_fd, self.fd, sent, min(self.size - sent, 1 << 30))
+            except OSError as e:
+                # sendfile refuses some outputs (O_APPEND files): copy by hand
+                if e.errno not in (errno.EINVAL, errno.ENOSYS) or sent:
+                    raise
+                self._copy_slowly(out_fd)
+                return
             if n == 0:
                 raise OSError("spool file ended early")
             sent += n
+
+    def _copy_slowly(self, out_fd: int) -> None:
+        offset = 0
+        while offset < self.size:
+            chunk = os.pread(self.fd, min(self.size - offset, 1 << 20), offset)
+            if not chunk:
+                raise OSError("spool file ended early")
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(out_fd, view) :]
+            offset += len(chunk)
 
     def close(self) -> None:
         if self.fd >= 0:
