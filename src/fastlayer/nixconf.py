@@ -18,8 +18,10 @@ from typing import Any
 
 from fastlayer.emit import Owner, store_layer, walk_ahead
 from fastlayer.errors import FastlayerError
+from fastlayer.model import Image
 from fastlayer.sinks.docker_archive import DockerArchiveWriter
 from fastlayer.sources.base_archive import BaseArchive, open_base_archive
+from fastlayer.sources.base_image import open_image
 
 REQUIRED = (
     "architecture", "config", "store_dir", "from_image", "store_layers",
@@ -115,6 +117,25 @@ def _on_disk(path: str, root: str | None) -> str:
     return root.rstrip("/") + "/" + path.lstrip("/") if root else path
 
 
+def _open_base(path: str) -> BaseArchive | Image:
+    """A docker-archive with manifest.json is copied entry by entry, as nixpkgs
+    does (same bytes); legacy, OCI and compressed bases are converted."""
+    if os.path.isfile(path) and _is_docker_archive(path):
+        return open_base_archive(path)
+    return open_image(path)
+
+
+def _is_docker_archive(path: str) -> bool:
+    import tarfile
+
+    try:
+        with tarfile.open(path, "r:") as t:  # uncompressed only: entries are copied raw
+            names = {n.removeprefix("./") for n in t.getnames()}
+    except (OSError, tarfile.TarError):
+        return False
+    return "manifest.json" in names and "oci-layout" not in names
+
+
 def stream_conf(
     conf: NixConf,
     out_fd: int,
@@ -132,7 +153,7 @@ def stream_conf(
         raise FastlayerError(f"cannot read {checksum_file}: {e.strerror}") from None
     if not re.fullmatch(r"[0-9a-f]{64}", custom_checksum):
         raise FastlayerError(f"{checksum_file} does not hold a sha256: {custom_checksum[:80]!r}")
-    base = open_base_archive(_on_disk(conf.from_image, root)) if conf.from_image else None
+    base = _open_base(_on_disk(conf.from_image, root)) if conf.from_image else None
 
     out = DockerArchiveWriter(out_fd)
     try:
@@ -147,7 +168,7 @@ def stream_conf(
 def _write_image(
     conf: NixConf,
     out: DockerArchiveWriter,
-    base: BaseArchive | None,
+    base: BaseArchive | Image | None,
     custom_checksum: str,
     repo_tag: str | None,
     root: str | None,
@@ -155,11 +176,19 @@ def _write_image(
 ) -> list[_Layer]:
     mtime = conf.owner.mtime
     layers: list[_Layer] = []
-    if base is not None:
+    if isinstance(base, BaseArchive):
+        # nixpkgs copies the base archive's layer entries as they are
         for ti, diff_id in zip(base.layers, base.diff_ids, strict=True):
             out.add_tarinfo(ti, base.tar.extractfile(ti) if ti.isreg() else None)
             layers.append(_Layer(re.sub(r"^sha256:", "", diff_id), ti.path, [ti.path]))
         base.close()
+    elif base is not None:
+        # other formats: each layer uncompressed as <diff_id>/layer.tar, verified
+        for layer in base.layers:
+            hexd = layer.diff_id.removeprefix("sha256:")
+            with layer.open() as reader:
+                out.add_layer_reader(f"{hexd}/layer.tar", reader, mtime)
+            layers.append(_Layer(hexd, f"{hexd}/layer.tar", [f"{hexd}/layer.tar"]))
     makers = [
         functools.partial(store_layer, paths, conf.owner, root) for paths in conf.store_layers
     ]

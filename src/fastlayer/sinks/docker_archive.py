@@ -108,6 +108,29 @@ class DockerArchiveWriter:
         self.write(_pad(size))
         return digest
 
+    def add_layer_reader(self, name: str, reader: BinaryIO, mtime: int) -> int:
+        """An entry whose size is unknown until read (e.g. a decompressed base layer)."""
+        spool = Spool(None, self.spool_dir)
+        try:
+            while chunk := reader.read(1 << 20):
+                spool.write(memoryview(chunk))
+                spool.size += len(chunk)
+        except BaseException:
+            spool.close()
+            raise
+        size = spool.size
+        self.write(self._layer_header(name.encode(), size, mtime))
+        if self._ordered is not None:
+            self._ordered.put(spool)
+        else:
+            try:
+                spool.copy_to(self.fd)
+            finally:
+                spool.close()
+        self.offset += size
+        self.write(_pad(size))
+        return size
+
     @staticmethod
     def _layer_header(name: bytes, size: int, mtime: int) -> bytes:
         return pack_header(name, b"0", 0o644, size, mtime, 0, 0, b"", b"")

@@ -33,9 +33,11 @@ def _available_memory() -> int:
 class Spool:
     """A write-once, copy-out-once anonymous file of known final size."""
 
-    def __init__(self, size: int, spool_dir: str | None = None):
-        self.size = size
-        if hasattr(os, "memfd_create") and size * MEMORY_SHARE < _available_memory():
+    def __init__(self, size: int | None, spool_dir: str | None = None):
+        """size: the bytes to come; None when unknown, which spools to disk."""
+        self.size = size or 0
+        small = size is not None and size * MEMORY_SHARE < _available_memory()
+        if hasattr(os, "memfd_create") and small:
             self.fd = os.memfd_create("fastlayer-spool", os.MFD_CLOEXEC)
         else:
             self.fd, name = tempfile.mkstemp(dir=spool_dir, prefix="fastlayer-spool-")

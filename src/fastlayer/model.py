@@ -1,0 +1,49 @@
+"""The one image model every part speaks: an Image is a config plus ordered Layers.
+
+Sources produce these, sinks consume them. A Layer knows its diff_id (the
+sha256 of its uncompressed tar) and how to open its uncompressed bytes; it
+does not hold them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+# OCI and Docker media types used across sources and sinks.
+OCI_LAYOUT_VERSION = "1.0.0"
+MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MT_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MT_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+MT_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MT_OCI_LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+MT_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MT_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MT_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+MT_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+
+@dataclass
+class Layer:
+    """One layer: its identity and a way to read its uncompressed tar once."""
+
+    diff_id: str  # "sha256:<hex>" of the uncompressed tar
+    open: Callable[[], BinaryIO]  # a fresh reader of the uncompressed bytes
+    size: int | None = None  # uncompressed size, when known without reading
+    comment: str = ""  # what is in it, for history and inspect
+
+
+@dataclass
+class Image:
+    """An image config (the full JSON document) and its layers, bottom first."""
+
+    config: dict[str, Any]
+    layers: list[Layer]
+    repo_tags: list[str] = field(default_factory=list)
+
+    @property
+    def diff_ids(self) -> list[str]:
+        return [layer.diff_id for layer in self.layers]
