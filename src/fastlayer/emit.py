@@ -19,6 +19,7 @@ from pathlib import PurePosixPath
 
 from fastlayer._native.tarstream import LayerSourceError, LayerStream
 from fastlayer.errors import FastlayerError
+from fastlayer.model import Layer
 
 BUFSIZE = 1 << 20
 NBUF = 8
@@ -156,3 +157,30 @@ def pump(stream: LayerStream, write: Callable[[memoryview], object]) -> str:
     if written != stream.size:  # the walk promised this size in the header
         raise FastlayerError(f"layer size {written} differs from the planned {stream.size}")
     return digest.hexdigest()
+
+
+class StreamSource:
+    """A walked layer as a model.LayerSource: exact size known, bytes pumped once."""
+
+    def __init__(self, stream: LayerStream):
+        self.stream = stream
+        self.size: int | None = stream.size
+
+    def pump(self, write: Callable[[memoryview], object]) -> str:
+        return pump(self.stream, write)
+
+
+class ReaderSource:
+    """A model.Layer (e.g. of a base image) as a LayerSource; verified as read."""
+
+    def __init__(self, layer: Layer):
+        self.layer = layer
+        self.size: int | None = layer.size
+
+    def pump(self, write: Callable[[memoryview], object]) -> str:
+        digest = hashlib.sha256()
+        with self.layer.open() as reader:
+            while chunk := reader.read(BUFSIZE):
+                digest.update(chunk)
+                write(memoryview(chunk))
+        return digest.hexdigest()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 # OCI and Docker media types used across sources and sinks.
 OCI_LAYOUT_VERSION = "1.0.0"
@@ -47,3 +47,27 @@ class Image:
     @property
     def diff_ids(self) -> list[str]:
         return [layer.diff_id for layer in self.layers]
+
+
+class LayerSource(Protocol):
+    """What a sink consumes: a layer's uncompressed tar, produced exactly once.
+
+    size is the exact byte count when known before producing (a walked
+    store layer), else None (a decompressed base layer)."""
+
+    size: int | None
+
+    def pump(self, write: Callable[[memoryview], object]) -> str:
+        """Write all bytes through write(); return their sha256 hex."""
+        ...
+
+
+@dataclass
+class WrittenLayer:
+    """What a sink recorded for one layer."""
+
+    diff_id: str  # "sha256:<hex>" of the uncompressed tar
+    size: int  # uncompressed bytes
+    digest: str  # "sha256:<hex>" of the blob as stored (== diff_id when uncompressed)
+    blob_size: int
+    media_type: str = MT_OCI_LAYER

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from fastlayer.emit import Owner, store_layer, walk_ahead
+from fastlayer.emit import Owner, ReaderSource, store_layer, walk_ahead
 from fastlayer.errors import FastlayerError
 from fastlayer.model import Image
 from fastlayer.sinks.docker_archive import DockerArchiveWriter
@@ -186,8 +186,7 @@ def _write_image(
         # other formats: each layer uncompressed as <diff_id>/layer.tar, verified
         for layer in base.layers:
             hexd = layer.diff_id.removeprefix("sha256:")
-            with layer.open() as reader:
-                out.add_layer_reader(f"{hexd}/layer.tar", reader, mtime)
+            out.add_layer(ReaderSource(layer), mtime)
             layers.append(_Layer(hexd, f"{hexd}/layer.tar", [f"{hexd}/layer.tar"]))
     makers = [
         functools.partial(store_layer, paths, conf.owner, root) for paths in conf.store_layers

@@ -16,7 +16,8 @@ import tarfile
 from typing import BinaryIO
 
 from fastlayer._native.tarstream import LayerStream, pack_header
-from fastlayer.emit import pump
+from fastlayer.emit import StreamSource
+from fastlayer.model import LayerSource
 from fastlayer.sinks.spool import OrderedWriter, Spool
 
 BLOCK = 512
@@ -82,14 +83,16 @@ class DockerArchiveWriter:
         with open(path, "rb") as f:
             self.add_tarinfo(ti, f)
 
-    def add_layer(self, stream: LayerStream, mtime: int) -> str:
-        """Stream a layer as `<sha256>/layer.tar`; returns the sha256 hex."""
-        size = stream.size
-        if self.seekable:
+    def add_layer(self, source: LayerStream | LayerSource, mtime: int) -> str:
+        """Write a layer as `<sha256>/layer.tar`; returns the sha256 hex."""
+        if isinstance(source, LayerStream):
+            source = StreamSource(source)
+        size = source.size
+        if self.seekable and size is not None:
             start = self.offset
             hdr_len = len(self._layer_header(_PLACEHOLDER_NAME, size, mtime))
             self.write(b"\0" * hdr_len)
-            digest = pump(stream, self.write)
+            digest = source.pump(self.write)
             self.write(_pad(size))
             header = self._layer_header(f"{digest}/layer.tar".encode(), size, mtime)
             assert len(header) == hdr_len
@@ -97,29 +100,16 @@ class DockerArchiveWriter:
             return digest
         spool = Spool(size, self.spool_dir)
         try:
-            digest = pump(stream, spool.write)
+            digest = source.pump(spool.write)
         except BaseException:
             spool.close()
             raise
-        self.write(self._layer_header(f"{digest}/layer.tar".encode(), size, mtime))
-        assert self._ordered is not None
-        self._ordered.put(spool)
-        self.offset += size
-        self.write(_pad(size))
+        self.write(self._layer_header(f"{digest}/layer.tar".encode(), spool.size, mtime))
+        self._emit_spool(spool)
         return digest
 
-    def add_layer_reader(self, name: str, reader: BinaryIO, mtime: int) -> int:
-        """An entry whose size is unknown until read (e.g. a decompressed base layer)."""
-        spool = Spool(None, self.spool_dir)
-        try:
-            while chunk := reader.read(1 << 20):
-                spool.write(memoryview(chunk))
-                spool.size += len(chunk)
-        except BaseException:
-            spool.close()
-            raise
+    def _emit_spool(self, spool: Spool) -> None:
         size = spool.size
-        self.write(self._layer_header(name.encode(), size, mtime))
         if self._ordered is not None:
             self._ordered.put(spool)
         else:
@@ -129,7 +119,6 @@ class DockerArchiveWriter:
                 spool.close()
         self.offset += size
         self.write(_pad(size))
-        return size
 
     @staticmethod
     def _layer_header(name: bytes, size: int, mtime: int) -> bytes:

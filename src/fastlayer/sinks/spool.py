@@ -35,7 +35,7 @@ class Spool:
 
     def __init__(self, size: int | None, spool_dir: str | None = None):
         """size: the bytes to come; None when unknown, which spools to disk."""
-        self.size = size or 0
+        self.written = 0
         small = size is not None and size * MEMORY_SHARE < _available_memory()
         if hasattr(os, "memfd_create") and small:
             self.fd = os.memfd_create("fastlayer-spool", os.MFD_CLOEXEC)
@@ -44,8 +44,14 @@ class Spool:
             os.unlink(name)
 
     def write(self, view: memoryview) -> None:
+        # size grows as bytes come: it need not be known in advance
+        self.written += len(view)
         while view:
             view = view[os.write(self.fd, view) :]
+
+    @property
+    def size(self) -> int:
+        return self.written
 
     def copy_to(self, out_fd: int) -> None:
         sent = 0
