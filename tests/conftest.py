@@ -1,0 +1,33 @@
+"""Shared fixtures. Validator helpers live in tests/validators.py."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import validators
+
+
+def pytest_report_header(config):
+    tools = ("podman", "skopeo", "umoci", "runc")
+    required = "required" if validators.validators_required() else "optional (skip if missing)"
+    return [f"validators {required}: " + "; ".join(validators.tool_version(t) for t in tools)]
+
+
+@pytest.fixture(scope="session")
+def podman(tmp_path_factory):
+    """A `validators.Podman` on a private vfs store, reset at the end of the session."""
+    pm = validators.Podman(validators.require("podman"), tmp_path_factory.mktemp("podman"))
+    yield pm
+    with contextlib.suppress(validators.ValidatorError, OSError):
+        pm.reset()
+
+
+@pytest.fixture
+def fresh_podman(tmp_path_factory):
+    """Like `podman`, on an empty store of its own: podman skips (so does not
+    verify) a layer whose diff_id its store already holds."""
+    pm = validators.Podman(validators.require("podman"), tmp_path_factory.mktemp("podman"))
+    yield pm
+    with contextlib.suppress(validators.ValidatorError, OSError):
+        pm.reset()
