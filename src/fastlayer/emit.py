@@ -13,7 +13,6 @@ import hashlib
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -66,13 +65,31 @@ def walk_ahead(makers: Sequence[Callable[[], LayerStream]]) -> Iterator[LayerStr
 
     The walk is syscall-bound and releases the GIL; overlapping it with the
     previous layer's streaming takes it off the critical path."""
-    with ThreadPoolExecutor(1, thread_name_prefix="fastlayer-walk") as pool:
-        pending = pool.submit(makers[0]) if makers else None
-        for i in range(len(makers)):
-            assert pending is not None
-            stream = pending.result()
-            pending = pool.submit(makers[i + 1]) if i + 1 < len(makers) else None
-            yield stream
+
+    def start(make: Callable[[], LayerStream]) -> tuple[threading.Thread, list]:
+        box: list = []
+
+        def run() -> None:
+            try:
+                box.append(make())
+            except BaseException as e:  # re-raised in the consumer
+                box.append(e)
+
+        t = threading.Thread(target=run, name="fastlayer-walk", daemon=True)
+        t.start()
+        return t, box
+
+    pending = start(makers[0]) if makers else None
+    for i in range(len(makers)):
+        assert pending is not None
+        thread, box = pending
+        thread.join()
+        pending = start(makers[i + 1]) if i + 1 < len(makers) else None
+        if isinstance(box[0], BaseException):
+            if pending is not None:
+                pending[0].join()
+            raise box[0]
+        yield box[0]
 
 
 def walk(
