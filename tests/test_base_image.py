@@ -88,10 +88,17 @@ def oci_layout(root: Path, layers: list[bytes], config: dict, compress: str, ref
         "mediaType": "application/vnd.oci.image.config.v1+json",
         **blob(json.dumps(config).encode()),
     }
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": cfg, "layers": descs}  # fmt: skip
-    mdesc = {"mediaType": manifest["mediaType"], **blob(json.dumps(manifest).encode()),
-             "annotations": {"org.opencontainers.image.ref.name": ref}}  # fmt: skip
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": cfg,
+        "layers": descs,
+    }
+    mdesc = {
+        "mediaType": manifest["mediaType"],
+        **blob(json.dumps(manifest).encode()),
+        "annotations": {"org.opencontainers.image.ref.name": ref},
+    }
     (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [mdesc]}))
     (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
 

@@ -94,8 +94,12 @@ def test_from_image_env_merge_and_owners(tmp_path, conf):
     base_conf = copy.deepcopy(conf)
     base_conf["config"] = {"Env": ["FROM_PARENT=1", "LAST=parent", "PATH=/usr/bin"]}
     base = tmp_path / "base.tar"
-    assert run_cli("stream-nix", "-q", str(write_conf(tmp_path, base_conf, "b.json")), "-o",
-                   str(base)).returncode == 0  # fmt: skip
+    assert (
+        run_cli(
+            "stream-nix", "-q", str(write_conf(tmp_path, base_conf, "b.json")), "-o", str(base)
+        ).returncode
+        == 0
+    )
     child = copy.deepcopy(conf)
     child.update(from_image=str(base), uid="1000", gid="100", uname="user", gname="users")
     child.update(mtime="2024-01-02T03:04:05+00:00", created="2024-05-06T07:08:09+02:00")
@@ -109,8 +113,11 @@ def test_from_image_env_merge_and_owners(tmp_path, conf):
     base_t = tarfile.open(base)
     assert manifest["Layers"][:3] == json.load(base_t.extractfile("manifest.json"))[0]["Layers"]
     assert config["config"]["Env"] == [
-        "FROM_PARENT=1", "LAST=child", "PATH=/bin", "FROM_CHILD=1",
-    ]  # fmt: skip
+        "FROM_PARENT=1",
+        "LAST=child",
+        "PATH=/bin",
+        "FROM_CHILD=1",
+    ]
     assert config["created"] == "2024-05-06T07:08:09+02:00"
     store_layer = tarfile.open(fileobj=t.extractfile(manifest["Layers"][3]))
     member = store_layer.getmember(conf["store_layers"][0][0] + "/lib/libx.so")
@@ -133,8 +140,15 @@ def test_root_reads_a_chroot_store(tmp_path, conf):
     moved = json.loads(json.dumps(conf).replace(str(tmp_path), ""))
     assert moved["store_dir"] == "/nix/store"
     out = tmp_path / "img.tar"
-    r = run_cli("stream-nix", "-q", "--root", str(tmp_path), str(write_conf(tmp_path, moved)),
-                "-o", str(out))  # fmt: skip
+    r = run_cli(
+        "stream-nix",
+        "-q",
+        "--root",
+        str(tmp_path),
+        str(write_conf(tmp_path, moved)),
+        "-o",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     t = tarfile.open(out)
     manifest = json.load(t.extractfile("manifest.json"))[0]
@@ -195,3 +209,15 @@ def test_appending_stdout_and_full_disk(tmp_path, conf):
         r = run_cli("stream-nix", path, stdout=full)
     assert r.returncode == 1
     assert r.stderr.decode() == "fastlayer: error: No space left on device\n"
+
+
+def test_disk_spool_gives_the_same_bytes(tmp_path, conf):
+    env = {**os.environ, "FASTLAYER_SPOOL_MEMORY": "0", "TMPDIR": str(tmp_path)}
+    r = subprocess.run(
+        [sys.executable, "-m", "fastlayer", "stream-nix", str(write_conf(tmp_path, conf))],
+        capture_output=True,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == reference_image(copy.deepcopy(conf))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("fastlayer-spool")]

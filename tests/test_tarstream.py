@@ -127,9 +127,16 @@ def test_order_is_component_wise_python_str_order(store):
 
 @pytest.mark.parametrize(
     "a,b",
-    [(b"a", b"b"), (b"a", b"a-c"), (b"\xc3A", b"\xc3\xa9"), (b"\xff", b"\xef\xbf\xbd"),
-     (b"\xed\xa0\x80", b"\xed\x9f\xbf"), (b"\xf0\x90\x80\x80", b"\xef\xbf\xbf"), (b"x", b"x")],
-)  # fmt: skip
+    [
+        (b"a", b"b"),
+        (b"a", b"a-c"),
+        (b"\xc3A", b"\xc3\xa9"),
+        (b"\xff", b"\xef\xbf\xbd"),
+        (b"\xed\xa0\x80", b"\xed\x9f\xbf"),
+        (b"\xf0\x90\x80\x80", b"\xef\xbf\xbf"),
+        (b"x", b"x"),
+    ],
+)
 def test_name_comparison_matches_python(a, b):
     sa, sb = os.fsdecode(a), os.fsdecode(b)
     expected = (sa > sb) - (sa < sb)

@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "the same docker-archive (same layers, config and manifest), reading each file once.",
     )
     p.add_argument("conf", help="the conf JSON (store_layers, config, customisation_layer, ...)")
-    p.add_argument("-t", "--repo_tag", "--repo-tag", dest="repo_tag",
-                   help="override the RepoTags of the conf")  # fmt: skip
+    p.add_argument(
+        "-t", "--repo_tag", "--repo-tag", dest="repo_tag", help="override the RepoTags of the conf"
+    )
     p.add_argument("-o", "--output", help="write to this file atomically (default: stdout)")
     p.add_argument(
         "--root",

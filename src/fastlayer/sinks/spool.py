@@ -15,8 +15,15 @@ import queue
 import tempfile
 import threading
 
-# Above this share of available memory a layer spools to disk instead.
+# A layer spools in memory when it is under a quarter of the available
+# memory and under FASTLAYER_SPOOL_MEMORY bytes (when set; 0 means always disk).
 MEMORY_SHARE = 4
+
+
+def _memory_cap() -> int:
+    avail = _available_memory() // MEMORY_SHARE
+    cap = os.environ.get("FASTLAYER_SPOOL_MEMORY")
+    return min(avail, int(cap)) if cap and cap.isdigit() else avail
 
 
 def _available_memory() -> int:
@@ -36,7 +43,7 @@ class Spool:
     def __init__(self, size: int | None, spool_dir: str | None = None):
         """size: the bytes to come; None when unknown, which spools to disk."""
         self.written = 0
-        small = size is not None and size * MEMORY_SHARE < _available_memory()
+        small = size is not None and size < _memory_cap()
         if hasattr(os, "memfd_create") and small:
             self.fd = os.memfd_create("fastlayer-spool", os.MFD_CLOEXEC)
         else:

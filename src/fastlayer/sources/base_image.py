@@ -229,7 +229,7 @@ def _oci(files: _Files, tag: str | None, os_name: str, arch: str | None) -> Imag
             d,
             files.opener(_blob_path(x["digest"]), d, f"{files.path}:{x['digest']}"),
             comment=x["digest"],
-        )  # fmt: skip
+        )
         for x, d in zip(descs, diff_ids, strict=True)
     ]
     return Image(config, layers, names(desc))
