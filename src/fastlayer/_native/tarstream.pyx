@@ -20,6 +20,9 @@ cdef extern from "<fcntl.h>":
     int O_NOFOLLOW
     int O_CLOEXEC
 
+cdef extern from "<fnmatch.h>" nogil:
+    int fnmatch(const char *pattern, const char *string, int flags)
+
 cdef extern from "<stdio.h>":
     int snprintf(char *s, size_t n, const char *fmt, ...) nogil
 
@@ -63,6 +66,7 @@ class LayerSourceError(OSError):
 
 
 DEF BLOCK = 512
+
 DEF RECORD = 10240
 
 # fill() stages
@@ -126,15 +130,21 @@ cdef class LayerStream:
     cdef unsigned char *hdr
     cdef size_t hdr_len, hdr_pos
     cdef char msg[8400]
+    cdef int *rule_of          # per entry: index of the permission rule, or -1
+    cdef int64_t *rules_c      # per rule: uid, gid, mode (-1 = keep)
+    cdef list _rules
 
     def __cinit__(self):
         fl_walk_init(&self.w)
         self.fd = -1
+
         self.hdr = <unsigned char *>malloc(FL_HDR_MAX)
         if self.hdr == NULL:
             raise MemoryError()
 
     def __dealloc__(self):
+        free(self.rule_of)
+        free(self.rules_c)
         if self.fd >= 0:
             close(self.fd)
         fl_walk_free(&self.w)
@@ -168,13 +178,19 @@ cdef class LayerStream:
         self.own.uname_len = len(self._uname)
         self.own.gname = self._gname
         self.own.gname_len = len(self._gname)
+        self._measure()
+        self.left = 0
+        self.stage = ST_HEADER
+
+    cdef _measure(self):
+        """The exact tar size: headers, data, padding, end blocks, record padding."""
         cdef uint64_t total = 0
         cdef size_t k, h = 1
         cdef fl_entry *e = NULL
         with nogil:
             for k in range(self.w.n):
                 e = &self.w.ents[k]
-                h = self._header(e)
+                h = self._header(e, k)
                 if h == 0:
                     break
                 total += h + e.size + pad512(e.size)
@@ -183,8 +199,40 @@ cdef class LayerStream:
         total += 2 * BLOCK
         total += (RECORD - total % RECORD) % RECORD
         self.size = total
-        self.left = 0
-        self.stage = ST_HEADER
+
+    def set_rules(self, list rules):
+        """Owner and mode overrides: [(glob bytes, uid, gid, mode)], -1 = keep.
+
+        The last rule whose glob matches an entry's archive name (fnmatch
+        without FNM_PATHNAME: `*` matches `/` too) applies; the tar size is
+        measured again. Call before the first fill()."""
+        if self.produced:
+            raise ValueError("rules must be set before streaming")
+        cdef size_t k
+        cdef Py_ssize_t r
+        cdef bytes pat
+        cdef const char *name
+        self._rules = [(bytes(p), int(u), int(g), int(m)) for p, u, g, m in rules]
+        free(self.rule_of)
+        self.rule_of = <int *>malloc(max(self.w.n, 1) * sizeof(int))
+        if self.rule_of == NULL:
+            raise MemoryError()
+        for k in range(self.w.n):
+            self.rule_of[k] = -1
+        for r, (pat, _, _, _) in enumerate(self._rules):
+            for k in range(self.w.n):
+                name = self.w.blob + self.w.ents[k].arc_off
+                if fnmatch(pat, name, 0) == 0:
+                    self.rule_of[k] = <int>r
+        free(self.rules_c)
+        self.rules_c = <int64_t *>malloc(max(len(self._rules), 1) * 3 * sizeof(int64_t))
+        if self.rules_c == NULL:
+            raise MemoryError()
+        for r, (_, uid, gid, mode) in enumerate(self._rules):
+            self.rules_c[3 * r] = uid
+            self.rules_c[3 * r + 1] = gid
+            self.rules_c[3 * r + 2] = mode
+        self._measure()
 
     def __len__(self):
         return self.w.n
@@ -196,12 +244,22 @@ cdef class LayerStream:
     cdef bytes _arc(self, fl_entry *e):
         return self.w.blob[e.arc_off:e.arc_off + e.arc_len]
 
-    cdef size_t _header(self, fl_entry *e) noexcept nogil:
+    cdef size_t _header(self, fl_entry *e, size_t k) noexcept nogil:
         # link_off is 0 for non-symlinks; link_len 0 makes the link name empty
         cdef const char *link = self.w.blob + e.link_off
         cdef uint32_t link_len = e.link_len if e.type == b'2' else 0
+        cdef fl_owner own = self.own
+        cdef uint32_t mode = e.mode
+        cdef int r = self.rule_of[k] if self.rule_of != NULL else -1
+        if r >= 0:
+            if self.rules_c[3 * r] >= 0:
+                own.uid = self.rules_c[3 * r]
+            if self.rules_c[3 * r + 1] >= 0:
+                own.gid = self.rules_c[3 * r + 1]
+            if self.rules_c[3 * r + 2] >= 0:
+                mode = (mode & ~0o7777) | (self.rules_c[3 * r + 2] & 0o7777)
         return fl_tar_header(self.hdr, self.w.blob + e.arc_off, e.arc_len, link, link_len,
-                             e.type, e.mode, e.size, &self.own)
+                             e.type, mode, e.size, &own)
 
     cdef int _fail(self, const char *what, fl_entry *e, int err) noexcept nogil:
         if err:
@@ -247,7 +305,7 @@ cdef class LayerStream:
                     continue
                 e = &self.w.ents[self.i]
                 if self.hdr_pos == 0:
-                    self.hdr_len = self._header(e)
+                    self.hdr_len = self._header(e, self.i)
                 n = min(self.hdr_len - self.hdr_pos, cap - pos)
                 memcpy(buf + pos, self.hdr + self.hdr_pos, n)
                 pos += n
