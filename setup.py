@@ -19,6 +19,7 @@ extensions = [
         f"fastlayer._native.{pyx.stem}",
         [str(pyx), *C_SOURCES.get(pyx.stem, [])],
         include_dirs=["csrc", numpy.get_include()],
+        depends=[str(h) for h in sorted(Path("csrc").glob("*.h"))],  # rebuild on header edits
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3", "-std=c11", "-D_GNU_SOURCE"],
     )
