@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
-# Subcommand modules, in the order `fastlayer --help` lists them.
-COMMANDS = ["stream_nix", "rank", "plan", "nar_hash", "graph"]
+# Subcommand name -> module in fastlayer.commands, in the order --help lists them.
+COMMANDS = {
+    "stream-nix": "stream_nix",
+    "nar-hash": "nar_hash",
+    "graph": "graph",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with a known command, only that command's module is imported
+    (keeps heavy imports such as numpy out of `stream-nix`)."""
     parser = argparse.ArgumentParser(
         prog="fastlayer", description="Build layered container images, fast."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        if importlib.util.find_spec(f"fastlayer.commands.{name}") is None:  # TEMP while in progress
-            continue
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
         importlib.import_module(f"fastlayer.commands.{name}").register(sub)
     return parser
 
@@ -31,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from fastlayer.errors import FastlayerError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except FastlayerError as e:
