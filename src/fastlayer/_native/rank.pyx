@@ -1,0 +1,549 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Graph kernels for closure graphs and layer planning, over CSR arrays
+(row = path, columns = its references).
+
+Loading: `clean_rows`, `topo_order` (cycle check), `transpose`. Popularity:
+`max_path_count`, `path_counts`, `dfs_postorder`, `ancestor_sums`, `normalize`.
+Walks for auto-layer and pipelines: `reach`, `group_closure_sizes`.
+Everything works on int32 node ids with the GIL released; no Python object is
+touched per node. The popularity sums are the expensive part: see `ancestor_sums`.
+"""
+
+import numpy as np
+
+cimport numpy as cnp
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+cnp.import_array()
+
+# Limbs of 60 bits keep a byte-table entry (a sum of 8 limbs) below 2**63.
+cdef enum:
+    LIMB_BITS = 60
+cdef uint64_t LIMB_MASK = (<uint64_t>1 << LIMB_BITS) - 1
+
+
+def topo_order(const int32_t[::1] indptr, const int32_t[::1] indices):
+    """Kahn order (every path before the paths it references).
+
+    Returns an int32 array; it is shorter than the node count exactly when the
+    graph has a cycle (the missing nodes are those a cycle keeps from being freed).
+    """
+    cdef Py_ssize_t n = indptr.shape[0] - 1
+    cdef cnp.ndarray[int32_t, ndim=1] order_arr = np.empty(n, dtype=np.int32)
+    cdef int32_t[::1] order = order_arr
+    cdef int32_t* indeg = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    cdef Py_ssize_t i, e, head = 0, tail = 0
+    cdef int32_t v, c
+    if indeg == NULL:
+        raise MemoryError()
+    with nogil:
+        memset(indeg, 0, (n + 1) * sizeof(int32_t))
+        for e in range(indptr[n]):
+            indeg[indices[e]] += 1
+        for i in range(n):
+            if indeg[i] == 0:
+                order[tail] = <int32_t>i
+                tail += 1
+        while head < tail:
+            v = order[head]
+            head += 1
+            for e in range(indptr[v], indptr[v + 1]):
+                c = indices[e]
+                indeg[c] -= 1
+                if indeg[c] == 0:
+                    order[tail] = c
+                    tail += 1
+    free(indeg)
+    return order_arr[:tail]
+
+
+def dfs_postorder(const int32_t[::1] indptr, const int32_t[::1] indices):
+    """Postorder of a DFS started at every root in id order (children before parents).
+
+    Consecutive nodes in this order tend to share descendants, which is what makes
+    chunking sources in `ancestor_sums` cheap.
+    """
+    cdef Py_ssize_t n = indptr.shape[0] - 1
+    cdef cnp.ndarray[int32_t, ndim=1] out_arr = np.empty(n, dtype=np.int32)
+    cdef int32_t[::1] out = out_arr
+    cdef int32_t* seen = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    cdef int32_t* st_node = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    cdef int32_t* st_pos = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    cdef char* referenced = <char*>malloc(n + 1)
+    cdef Py_ssize_t cnt = 0, i, e
+    if seen == NULL or st_node == NULL or st_pos == NULL or referenced == NULL:
+        free(seen)
+        free(st_node)
+        free(st_pos)
+        free(referenced)
+        raise MemoryError()
+    with nogil:
+        memset(seen, 0, (n + 1) * sizeof(int32_t))
+        memset(referenced, 0, n + 1)
+        for e in range(indptr[n]):
+            referenced[indices[e]] = 1
+        # Roots first, then anything left (only possible in a cyclic graph).
+        for i in range(n):
+            if not referenced[i]:
+                cnt = _dfs(indptr, indices, <int32_t>i, seen, 1, st_node, st_pos, &out[0], cnt)
+        for i in range(n):
+            cnt = _dfs(indptr, indices, <int32_t>i, seen, 1, st_node, st_pos, &out[0], cnt)
+    free(seen)
+    free(referenced)
+    free(st_node)
+    free(st_pos)
+    return out_arr[:cnt]
+
+
+cdef Py_ssize_t _dfs(const int32_t[::1] indptr, const int32_t[::1] indices, int32_t start,
+                     int32_t* seen, int32_t stamp, int32_t* st_node, int32_t* st_pos,
+                     int32_t* out, Py_ssize_t cnt) noexcept nogil:
+    """Iterative DFS from `start` over nodes whose seen != stamp; appends postorder."""
+    cdef Py_ssize_t top = 0
+    cdef int32_t v, c, p
+    if seen[start] == stamp:
+        return cnt
+    seen[start] = stamp
+    st_node[0] = start
+    st_pos[0] = indptr[start]
+    while top >= 0:
+        v = st_node[top]
+        p = st_pos[top]
+        if p < indptr[v + 1]:
+            st_pos[top] = p + 1
+            c = indices[p]
+            if seen[c] != stamp:
+                seen[c] = stamp
+                top += 1
+                st_node[top] = c
+                st_pos[top] = indptr[c]
+        else:
+            out[cnt] = v
+            cnt += 1
+            top -= 1
+    return cnt
+
+
+def path_counts(const int32_t[::1] indptr, const int32_t[::1] indices,
+                const int32_t[::1] order, int limbs):
+    """W(v) = number of distinct paths from the virtual super-root to v.
+
+    Returned as uint64[limbs, n] in base 2**60, or None when `limbs` is too few.
+    One pass over the edges in topological order: O(limbs * (V + E)).
+    """
+    cdef Py_ssize_t n = indptr.shape[0] - 1
+    cdef cnp.ndarray[uint64_t, ndim=2] w_arr = np.zeros((limbs, n), dtype=np.uint64)
+    cdef uint64_t[:, ::1] w = w_arr
+    cdef Py_ssize_t i, e, k
+    cdef int32_t v, c
+    cdef uint64_t carry, s
+    cdef bint overflow = False
+    cdef char* referenced = <char*>malloc(n + 1)
+    # used[v]: limbs of W(v) that may be non-zero; most paths need one.
+    cdef int32_t* used = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    if referenced == NULL or used == NULL:
+        free(referenced)
+        free(used)
+        raise MemoryError()
+    with nogil:
+        memset(referenced, 0, n + 1)
+        memset(used, 0, (n + 1) * sizeof(int32_t))
+        for e in range(indptr[n]):
+            referenced[indices[e]] = 1
+        for i in range(n):
+            if not referenced[i]:
+                w[0, i] = 1  # a root: the single path S -> root
+                used[i] = 1
+        for i in range(order.shape[0]):
+            v = order[i]
+            for e in range(indptr[v], indptr[v + 1]):
+                c = indices[e]
+                carry = 0
+                k = 0
+                while k < used[v] or (carry and k < limbs):
+                    s = w[k, c] + w[k, v] + carry
+                    w[k, c] = s & LIMB_MASK
+                    carry = s >> LIMB_BITS
+                    k += 1
+                if carry:
+                    overflow = True
+                    break
+                if k > used[c]:
+                    used[c] = <int32_t>k
+            if overflow:
+                break
+    free(used)
+    free(referenced)
+    return None if overflow else w_arr
+
+
+def ancestor_sums(const int32_t[::1] indptr, const int32_t[::1] indices,
+                  const int32_t[::1] source_order, const uint64_t[:, ::1] weights,
+                  int words=8, int threads=1):
+    """S_l(d) = sum of weights[l, u] over u in {d} + ancestors(d), exactly, per limb l.
+
+    Sources u are taken `64 * words` at a time in `source_order`. For each chunk, a
+    DFS collects the union U of their descendant sets, a bitset per node (one bit
+    per source) is pushed down U in topological order, and each node's weighted
+    popcount is read through 256-entry byte tables. Cost: O(sum over chunks of
+    words * (|U| + |E(U)|)) time (worst case O(V * E / 64), when every closure is
+    the whole graph; closure graphs have small closures next to each other in DFS
+    order, so U stays close to one closure) and O(V * words) extra memory per
+    thread. Chunks are independent: `threads` workers take every threads-th chunk,
+    each with its own scratch and sums, added up at the end.
+    Weights must be < 2**60; results are 128-bit, returned as (lo, hi) uint64[L, n].
+    """
+    import threading
+
+    cdef Py_ssize_t n = indptr.shape[0] - 1
+    cdef Py_ssize_t L = weights.shape[0]
+    threads = max(1, threads)
+    outs = [(np.zeros((L, n), dtype=np.uint64), np.zeros((L, n), dtype=np.uint64))
+            for _ in range(threads)]
+    errors = []
+
+    def work(int t):
+        try:
+            _sums_worker(indptr, indices, source_order, weights, words, t, threads,
+                         outs[t][0], outs[t][1])
+        except BaseException as e:  # re-raised in the caller
+            errors.append(e)
+
+    if threads == 1:
+        work(0)
+    else:
+        pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
+    if errors:
+        raise errors[0]
+    lo, hi = outs[0]
+    for lo2, hi2 in outs[1:]:
+        total = lo + lo2
+        hi += hi2 + (total < lo)
+        lo = total
+    return lo, hi
+
+
+def _sums_worker(const int32_t[::1] indptr, const int32_t[::1] indices,
+                 const int32_t[::1] source_order, const uint64_t[:, ::1] weights,
+                 int words, int first, int step, uint64_t[:, ::1] lo, uint64_t[:, ::1] hi):
+    cdef Py_ssize_t n = indptr.shape[0] - 1
+    cdef Py_ssize_t L = weights.shape[0]
+    cdef Py_ssize_t W = words
+    cdef Py_ssize_t B = 64 * W
+    cdef uint64_t* mask = <uint64_t*>malloc((n * W + 1) * sizeof(uint64_t))
+    cdef int32_t* seen = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    cdef int32_t* st_node = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    cdef int32_t* st_pos = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    cdef int32_t* vis = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    # table[((l * W + k) * 8 + b) * 256 + m] = sum of weights of the sources whose
+    # bits are set in byte value m at byte b of word k.
+    cdef uint64_t* table = <uint64_t*>malloc(L * W * 8 * 256 * sizeof(uint64_t))
+    cdef uint64_t* full_lo = <uint64_t*>malloc(L * W * sizeof(uint64_t))
+    cdef uint64_t* full_hi = <uint64_t*>malloc(L * W * sizeof(uint64_t))
+    cdef uint64_t ALL_ONES = ~(<uint64_t>0)
+    cdef Py_ssize_t nsrc = source_order.shape[0]
+    cdef Py_ssize_t start, j, cnt, i, e, k, b, l, m, Lc
+    cdef int32_t v, cid = 0
+    cdef uint64_t word, x, alo, ahi
+    cdef uint64_t* tb
+    cdef uint64_t* mv
+    cdef uint64_t* mc
+    cdef uint64_t bw[8]
+    cdef int lowbit[256]
+    for m in range(1, 256):
+        b = 0
+        while not (m >> b) & 1:
+            b += 1
+        lowbit[m] = <int>b
+    lowbit[0] = 0
+    if (mask == NULL or seen == NULL or st_node == NULL or st_pos == NULL or vis == NULL
+            or table == NULL or full_lo == NULL or full_hi == NULL):
+        free(mask); free(seen); free(st_node); free(st_pos); free(vis); free(table)
+        free(full_lo); free(full_hi)
+        raise MemoryError()
+    with nogil:
+        memset(mask, 0, (n * W + 1) * sizeof(uint64_t))
+        memset(seen, 0, (n + 1) * sizeof(int32_t))
+        start = first * B
+        while start < nsrc:
+            cid += 1
+            cnt = 0
+            for j in range(start, min(start + B, nsrc)):
+                cnt = _dfs(indptr, indices, source_order[j], seen, cid, st_node, st_pos, vis, cnt)
+            for j in range(start, min(start + B, nsrc)):
+                v = source_order[j]
+                mask[v * W + (j - start) // 64] |= (<uint64_t>1) << ((j - start) % 64)
+            # Limbs above the chunk's largest weight are all zero: skip them (deep
+            # paths with huge counts have small closures, and the reverse).
+            Lc = 1
+            for j in range(start, min(start + B, nsrc)):
+                for l in range(L - 1, Lc - 1, -1):
+                    if weights[l, source_order[j]] != 0:
+                        Lc = l + 1
+                        break
+            # Byte tables: entry m = entry (m without its lowest bit) + that bit's weight.
+            for l in range(Lc):
+                for k in range(W):
+                    for b in range(8):
+                        for m in range(8):
+                            j = start + k * 64 + b * 8 + m
+                            bw[m] = weights[l, source_order[j]] if j < nsrc else 0
+                        tb = table + ((l * W + k) * 8 + b) * 256
+                        tb[0] = 0
+                        for m in range(1, 256):
+                            tb[m] = tb[m & (m - 1)] + bw[lowbit[m]]
+                    full_lo[l * W + k] = 0
+                    full_hi[l * W + k] = 0
+                    for b in range(8):
+                        x = table[((l * W + k) * 8 + b) * 256 + 255]
+                        full_lo[l * W + k] += x
+                        if full_lo[l * W + k] < x:
+                            full_hi[l * W + k] += 1
+            # Reverse DFS postorder is a topological order of the union U.
+            for i in range(cnt - 1, -1, -1):
+                v = vis[i]
+                mv = mask + v * W
+                for e in range(indptr[v], indptr[v + 1]):
+                    mc = mask + indices[e] * W
+                    for k in range(W):
+                        mc[k] |= mv[k]
+            for i in range(cnt):
+                v = vis[i]
+                mv = mask + v * W
+                for l in range(Lc):
+                    alo = 0
+                    ahi = 0
+                    for k in range(W):
+                        word = mv[k]
+                        if word == 0:
+                            continue
+                        tb = table + (l * W + k) * 8 * 256
+                        if word == ALL_ONES:
+                            # Reached from every source of the word (deep paths, the
+                            # bulk of U): the word's precomputed 128-bit total.
+                            x = full_lo[l * W + k]
+                            alo += x
+                            if alo < x:
+                                ahi += 1
+                            ahi += full_hi[l * W + k]
+                            continue
+                        for b in range(8):
+                            x = tb[b * 256 + ((word >> (8 * b)) & 255)]
+                            alo += x
+                            if alo < x:
+                                ahi += 1
+                    x = lo[l, v]
+                    lo[l, v] = x + alo
+                    hi[l, v] += ahi + (1 if lo[l, v] < x else 0)
+                for k in range(W):
+                    mv[k] = 0
+            start += B * step
+    free(mask); free(seen); free(st_node); free(st_pos); free(vis); free(table)
+    free(full_lo); free(full_hi)
+
+
+def reach(const int32_t[::1] indptr, const int32_t[::1] indices, const int32_t[::1] starts,
+          int32_t[::1] mark, int32_t stamp, bint include_starts):
+    """Nodes reachable from `starts` (DFS order), marking each with `stamp` in `mark`.
+
+    Nodes already carrying `stamp` are treated as visited. Without include_starts
+    a start is only reported when it is reachable from another start.
+    """
+    cdef Py_ssize_t n = indptr.shape[0] - 1
+    cdef cnp.ndarray[int32_t, ndim=1] out_arr = np.empty(n, dtype=np.int32)
+    cdef int32_t[::1] out = out_arr
+    cdef int32_t* stack = <int32_t*>malloc((n + starts.shape[0] + 1) * sizeof(int32_t))
+    cdef Py_ssize_t top = 0, cnt = 0, i, e
+    cdef int32_t v, c
+    if stack == NULL:
+        raise MemoryError()
+    with nogil:
+        for i in range(starts.shape[0]):
+            v = starts[i]
+            if include_starts:
+                if mark[v] != stamp:
+                    mark[v] = stamp
+                    out[cnt] = v
+                    cnt += 1
+                    stack[top] = v
+                    top += 1
+            else:
+                stack[top] = v
+                top += 1
+        while top > 0:
+            top -= 1
+            v = stack[top]
+            for e in range(indptr[v], indptr[v + 1]):
+                c = indices[e]
+                if mark[c] != stamp:
+                    mark[c] = stamp
+                    out[cnt] = c
+                    cnt += 1
+                    stack[top] = c
+                    top += 1
+    free(stack)
+    return out_arr[:cnt]
+
+
+def normalize(const uint64_t[:, ::1] lo, const uint64_t[:, ::1] hi):
+    """Limb sums (128-bit each, limb l weighing 2**(60*l)) -> base-2**60 digits.
+
+    Returns uint64[L + 2, n], least significant first, each digit < 2**60: exact
+    values that numpy can compare digit by digit.
+    """
+    cdef Py_ssize_t L = lo.shape[0], n = lo.shape[1], i, l
+    cdef cnp.ndarray[uint64_t, ndim=2] out_arr = np.zeros((L + 2, n), dtype=np.uint64)
+    cdef uint64_t[:, ::1] out = out_arr
+    cdef uint64_t clo, chi, a, b
+    with nogil:
+        for i in range(n):
+            clo = 0  # carry, 128-bit as (chi, clo)
+            chi = 0
+            for l in range(L + 2):
+                a = lo[l, i] if l < L else 0
+                b = hi[l, i] if l < L else 0
+                # (b, a) += (chi, clo)
+                a = a + clo
+                b = b + chi + (1 if a < clo else 0)
+                out[l, i] = a & LIMB_MASK
+                # carry = (b, a) >> 60
+                clo = (a >> LIMB_BITS) | (b << (64 - LIMB_BITS))
+                chi = b >> LIMB_BITS
+    return out_arr
+
+
+def max_path_count(const int32_t[::1] indptr, const int32_t[::1] indices,
+                   const int32_t[::1] order):
+    """The largest W as a float (inf past 2**1024): sizes the exact pass."""
+    cdef Py_ssize_t n = indptr.shape[0] - 1, i, e
+    cdef double* w = <double*>malloc((n + 1) * sizeof(double))
+    cdef double best = 0.0
+    cdef int32_t v
+    cdef char* referenced = <char*>malloc(n + 1)
+    if w == NULL or referenced == NULL:
+        free(w)
+        free(referenced)
+        raise MemoryError()
+    with nogil:
+        memset(referenced, 0, n + 1)
+        for e in range(indptr[n]):
+            referenced[indices[e]] = 1
+        for i in range(n):
+            w[i] = 0.0 if referenced[i] else 1.0
+        for i in range(order.shape[0]):
+            v = order[i]
+            if w[v] > best:
+                best = w[v]
+            for e in range(indptr[v], indptr[v + 1]):
+                w[indices[e]] += w[v]
+    free(w)
+    free(referenced)
+    return best
+
+
+def transpose(const int32_t[::1] indptr, const int32_t[::1] indices):
+    """CSR of the reversed graph (row = path, columns = its referrers, ascending),
+    by counting sort: O(V + E)."""
+    cdef Py_ssize_t n = indptr.shape[0] - 1, i, e
+    cdef int64_t m = indptr[n]
+    cdef cnp.ndarray[int32_t, ndim=1] rptr_arr = np.zeros(n + 1, dtype=np.int32)
+    cdef cnp.ndarray[int32_t, ndim=1] ridx_arr = np.empty(m, dtype=np.int32)
+    cdef int32_t[::1] rptr = rptr_arr
+    cdef int32_t[::1] ridx = ridx_arr
+    cdef int32_t* fill = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    cdef int32_t c
+    if fill == NULL:
+        raise MemoryError()
+    with nogil:
+        for e in range(m):
+            rptr[indices[e] + 1] += 1
+        for i in range(n):
+            rptr[i + 1] += rptr[i]
+        for i in range(n):
+            fill[i] = rptr[i]
+        for i in range(n):
+            for e in range(indptr[i], indptr[i + 1]):
+                c = indices[e]
+                ridx[fill[c]] = <int32_t>i
+                fill[c] += 1
+    free(fill)
+    return rptr_arr, ridx_arr
+
+
+def clean_rows(const int64_t[::1] counts, const int32_t[::1] cols):
+    """CSR from per-row reference lists: self references dropped, repeats dropped
+    (first occurrence kept, order otherwise kept). O(V + E), one stamp array."""
+    cdef Py_ssize_t n = counts.shape[0], i, e, pos = 0, out = 0
+    cdef cnp.ndarray[int32_t, ndim=1] indptr_arr = np.zeros(n + 1, dtype=np.int32)
+    cdef cnp.ndarray[int32_t, ndim=1] idx_arr = np.empty(cols.shape[0], dtype=np.int32)
+    cdef int32_t[::1] indptr = indptr_arr
+    cdef int32_t[::1] idx = idx_arr
+    cdef int32_t* stamp = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    cdef int32_t c
+    if stamp == NULL:
+        raise MemoryError()
+    with nogil:
+        for i in range(n):
+            stamp[i] = -1
+        for i in range(n):
+            for e in range(pos, pos + counts[i]):
+                c = cols[e]
+                if c != i and stamp[c] != i:
+                    stamp[c] = <int32_t>i
+                    idx[out] = c
+                    out += 1
+            pos += counts[i]
+            indptr[i + 1] = <int32_t>out
+    free(stamp)
+    return indptr_arr, idx_arr[:out].copy()
+
+
+def group_closure_sizes(const int32_t[::1] indptr, const int32_t[::1] indices,
+                        const int64_t[::1] rows, const int64_t[::1] starts,
+                        const int64_t[::1] nar_size):
+    """For each group g = rows[starts[g]:starts[g+1]], the narSize total of the
+    group's closure (its paths and everything they reference). One DFS per group."""
+    cdef Py_ssize_t n = indptr.shape[0] - 1, ng = starts.shape[0] - 1, g, i, e
+    cdef cnp.ndarray[int64_t, ndim=1] out_arr = np.zeros(ng, dtype=np.int64)
+    cdef int64_t[::1] out = out_arr
+    cdef int32_t* mark = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    cdef int32_t* stack = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    cdef Py_ssize_t top
+    cdef int32_t v, c
+    cdef int64_t total
+    if mark == NULL or stack == NULL:
+        free(mark)
+        free(stack)
+        raise MemoryError()
+    with nogil:
+        memset(mark, 0, (n + 1) * sizeof(int32_t))
+        for g in range(ng):
+            total = 0
+            top = 0
+            for i in range(starts[g], starts[g + 1]):
+                v = <int32_t>rows[i]
+                if mark[v] != g + 1:
+                    mark[v] = <int32_t>(g + 1)
+                    total += nar_size[v]
+                    stack[top] = v
+                    top += 1
+            while top > 0:
+                top -= 1
+                v = stack[top]
+                for e in range(indptr[v], indptr[v + 1]):
+                    c = indices[e]
+                    if mark[c] != g + 1:
+                        mark[c] = <int32_t>(g + 1)
+                        total += nar_size[c]
+                        stack[top] = c
+                        top += 1
+            out[g] = total
+    free(mark)
+    free(stack)
+    return out_arr

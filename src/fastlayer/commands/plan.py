@@ -1,0 +1,89 @@
+"""`fastlayer plan GRAPH --max-layers N --strategy NAME`: write a layer plan (JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from fastlayer.errors import FastlayerError
+from fastlayer.graph import load_graph
+from fastlayer.plan import STRATEGIES, make_plan, read_plan, store_layer_budget
+from fastlayer.plan.planfile import write_atomic
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="group the paths of a closure graph into layers (JSON plan)",
+        description="Group the paths of a closure graph into store layers and write "
+        "the plan as JSON (format: fastlayer.plan.planfile).",
+    )
+    p.add_argument(
+        "graph", help="exportReferencesGraph JSON, nix path-info JSON or closureInfo dir"
+    )
+    p.add_argument("key", nargs="?", help="key of the graph list in an attrs JSON file")
+    p.add_argument("--strategy", choices=STRATEGIES, default="popularity")
+    p.add_argument(
+        "--max-layers",
+        type=int,
+        help="layers of the whole image, as dockerTools' maxLayers (default 100; "
+        "for pipeline, unlimited)",
+    )
+    p.add_argument(
+        "--base-layers", type=int, default=0, help="layers taken by the base image (fromImage)"
+    )
+    p.add_argument("--previous", help="the plan of the previous build (for --strategy stable)")
+    p.add_argument("--pipeline", help="layeringPipeline as a JSON file, or inline JSON")
+    p.add_argument("--exclude", help="file of paths to leave out of every layer, one a line")
+    p.add_argument("--store-dir", help="store directory (default $NIX_STORE_DIR or /nix/store)")
+    p.add_argument("-o", "--output", help="write to this file (atomically) instead of stdout")
+    p.set_defaults(func=run)
+
+
+def _read_json_arg(value: str, what: str) -> Any:
+    text = value if value.lstrip().startswith(("[", "{")) else None
+    if text is None:
+        try:
+            text = Path(value).read_text()
+        except OSError as e:
+            raise FastlayerError(f"cannot read {what} {value}: {e.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FastlayerError(f"malformed JSON in {what} {value:.60}: {e}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.strategy != "stable" and args.previous:
+        raise FastlayerError("--previous only applies to --strategy stable")
+    if (args.strategy == "pipeline") != (args.pipeline is not None):
+        raise FastlayerError("--pipeline goes with --strategy pipeline, and only with it")
+    graph = load_graph(args.graph, key=args.key, store_dir=args.store_dir)
+    max_layers = args.max_layers
+    if max_layers is None and args.strategy != "pipeline":
+        max_layers = 100
+    budget = None if max_layers is None else store_layer_budget(max_layers, args.base_layers)
+    exclude: set[str] = set()
+    if args.exclude:
+        try:
+            exclude = {x.strip() for x in Path(args.exclude).read_text().splitlines() if x.strip()}
+        except OSError as e:
+            raise FastlayerError(f"cannot read {args.exclude}: {e.strerror}") from None
+    plan = make_plan(
+        graph,
+        args.strategy,
+        budget,
+        previous=read_plan(args.previous) if args.previous else None,
+        steps=_read_json_arg(args.pipeline, "pipeline") if args.pipeline else None,
+        exclude=exclude,
+    )
+    text = plan.dumps()
+    if args.output:
+        write_atomic(args.output, text)
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    return 0

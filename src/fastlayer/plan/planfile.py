@@ -1,0 +1,114 @@
+"""The plan file: the JSON document `fastlayer plan` writes and the builder reads.
+
+Format, version 1 (keys in this order; readers ignore unknown keys):
+
+    {
+      "version": 1,
+      "strategy": "popularity" | "limit" | "auto" | "pipeline" | "stable",
+      "store_dir": "/nix/store",
+      "budget": 99,               # store layers allowed (null: not limited)
+      "total_size": 123456,       # sum of narSize over every path of the graph
+      "layers": [                 # bottom first
+        {"paths": ["/nix/store/...", ...], "size": 1234},   # size = sum of narSize
+        ...
+      ]
+    }
+
+Every path of the graph is in exactly one layer; no layer is empty. `stable`
+reads a previous plan to keep its groupings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastlayer.errors import FastlayerError
+
+VERSION = 1
+
+
+@dataclass
+class Layer:
+    paths: list[str]
+    size: int
+
+
+@dataclass
+class Plan:
+    strategy: str
+    layers: list[Layer]
+    store_dir: str = "/nix/store"
+    budget: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_size(self) -> int:
+        return sum(layer.size for layer in self.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "strategy": self.strategy,
+            "store_dir": self.store_dir,
+            "budget": self.budget,
+            "total_size": self.total_size,
+            "layers": [{"paths": layer.paths, "size": layer.size} for layer in self.layers],
+            **self.extra,
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2) + "\n"
+
+
+def plan_from_json(data: Any, source: str = "plan") -> Plan:
+    if not isinstance(data, dict) or "layers" not in data:
+        raise FastlayerError(f"{source}: not a fastlayer plan (no 'layers')")
+    version = data.get("version")
+    if version != VERSION:
+        raise FastlayerError(f"{source}: unsupported plan version {version!r}")
+    layers = []
+    for i, item in enumerate(data["layers"]):
+        paths = item.get("paths") if isinstance(item, dict) else None
+        size = item.get("size", 0) if isinstance(item, dict) else None
+        if (
+            not isinstance(paths, list)
+            or not all(isinstance(p, str) for p in paths)
+            or not isinstance(size, int)
+        ):
+            raise FastlayerError(f"{source}: malformed layer {i}")
+        layers.append(Layer(paths=paths, size=size))
+    return Plan(
+        strategy=str(data.get("strategy", "")),
+        layers=layers,
+        store_dir=str(data.get("store_dir", "/nix/store")),
+        budget=data.get("budget"),
+    )
+
+
+def read_plan(path: str | os.PathLike[str]) -> Plan:
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise FastlayerError(f"malformed JSON in {path}: {e}") from None
+    except OSError as e:
+        raise FastlayerError(f"cannot read plan {path}: {e.strerror}") from None
+    return plan_from_json(data, str(path))
+
+
+def write_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write via a temporary file in the same directory, then rename over `path`."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent or ".", prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
