@@ -15,8 +15,9 @@ import zstandard
 from tarref import reference_image
 from test_stream_nix import make_store, run_cli, write_conf
 
-from fastlayer.errors import FastlayerError
-from fastlayer.sources.base_image import DigestMismatch, open_image
+from fastlayer.emit import ReaderSource
+from fastlayer.errors import DigestMismatch, FastlayerError
+from fastlayer.sources.base_image import open_image
 
 
 def sha(data: bytes) -> str:
@@ -107,6 +108,7 @@ def test_docker_archive_current(base):
     path, layers, _ = base
     image = open_image(str(path))
     assert read_all(image) == layers
+    assert [x.size for x in image.layers] == [len(x) for x in layers]  # stored uncompressed
     assert image.diff_ids == [sha(x) for x in layers]
     assert image.config["config"]["Env"] == ["FROM_PARENT=1", "LAST=parent"]
 
@@ -195,8 +197,11 @@ def test_tampered_layer_fails_when_read(tmp_path, base):
     victim = layout / "blobs/sha256" / manifest["layers"][1]["digest"].split(":")[1]
     victim.write_bytes(gzip.compress(layers[1][:-1] + b"X"))
     image = open_image(str(layout))
+    ReaderSource(image.layers[0], verify=True).pump(lambda b: None)  # an intact one passes
     with pytest.raises(DigestMismatch, match="hashes to sha256:"):
-        read_all(image)
+        ReaderSource(image.layers[1], verify=True).pump(lambda b: None)
+    # trusted (the default): one plain copy, no hashing, the claimed diff_id
+    assert ReaderSource(image.layers[1]).pump(lambda b: None) == image.layers[1].diff_id[7:]
 
 
 def test_not_an_image(tmp_path):

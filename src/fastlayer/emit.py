@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from fastlayer._native.tarstream import LayerSourceError, LayerStream
-from fastlayer.errors import FastlayerError
+from fastlayer.errors import DigestMismatch, FastlayerError
 from fastlayer.model import Layer
 
 BUFSIZE = 1 << 20
@@ -188,16 +188,28 @@ class StreamSource:
 
 
 class ReaderSource:
-    """A model.Layer (e.g. of a base image) as a LayerSource; verified as read."""
+    """A model.Layer (e.g. of a base image) as a LayerSource.
 
-    def __init__(self, layer: Layer):
+    The layer's diff_id is trusted (one sequential copy, no hashing) unless
+    verify is set: then its bytes are hashed as they go by and a mismatch
+    aborts with DigestMismatch."""
+
+    def __init__(self, layer: Layer, verify: bool = False):
         self.layer = layer
+        self.verify = verify
         self.size: int | None = layer.size
 
     def pump(self, write: Callable[[memoryview], object]) -> str:
-        digest = hashlib.sha256()
+        digest = hashlib.sha256() if self.verify else None
         with self.layer.open() as reader:
             while chunk := reader.read(BUFSIZE):
-                digest.update(chunk)
+                if digest is not None:
+                    digest.update(chunk)
                 write(memoryview(chunk))
-        return digest.hexdigest()
+        claimed = self.layer.diff_id.removeprefix("sha256:")
+        if digest is not None and digest.hexdigest() != claimed:
+            raise DigestMismatch(
+                f"{self.layer.comment}: content hashes to sha256:{digest.hexdigest()}, "
+                f"not {self.layer.diff_id}"
+            )
+        return claimed

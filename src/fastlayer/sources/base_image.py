@@ -1,7 +1,8 @@
 """Base images from disk: docker-archive (current and legacy spec, or both),
 OCI image layout directories and OCI archives, with uncompressed, gzip or
 zstd layers. Every reader yields the same Image model; layer bytes are read
-only when a sink asks, and checked against their diff_id as they go by.
+only when a sink asks (emit.ReaderSource checks them against their diff_id
+when asked to).
 """
 
 from __future__ import annotations
@@ -14,46 +15,11 @@ import tarfile
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from fastlayer.errors import FastlayerError
+from fastlayer.errors import DigestMismatch, FastlayerError
 from fastlayer.model import MT_DOCKER_LIST, MT_OCI_INDEX, Image, Layer
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-class DigestMismatch(FastlayerError):
-    """Bytes read do not hash to the digest their image promised."""
-
-
-class _Verifying(io.RawIOBase):
-    """Passes bytes through, then fails at the end if their sha256 is not `digest`."""
-
-    def __init__(self, raw: BinaryIO, digest: str, what: str):
-        self.raw, self.digest, self.what = raw, digest, what
-        self.h = hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:  # type: ignore[override]
-        n = self.raw.readinto(b) if hasattr(self.raw, "readinto") else _readinto(self.raw, b)
-        if n:
-            self.h.update(memoryview(b)[:n])
-        elif "sha256:" + self.h.hexdigest() != self.digest:
-            raise DigestMismatch(
-                f"{self.what}: content hashes to sha256:{self.h.hexdigest()}, not {self.digest}"
-            )
-        return n
-
-    def close(self) -> None:
-        self.raw.close()
-        super().close()
-
-
-def _readinto(raw: BinaryIO, b) -> int:
-    data = raw.read(len(b))
-    b[: len(data)] = data
-    return len(data)
 
 
 def decompressed(raw: BinaryIO) -> BinaryIO:
@@ -112,14 +78,21 @@ class _Files:
             except ValueError as e:
                 raise FastlayerError(f"image {self.path}: {name} is not valid JSON: {e}") from None
 
-    def opener(self, name: str, diff_id: str | None, what: str) -> Callable[[], BinaryIO]:
-        def open_layer() -> BinaryIO:
-            raw = decompressed(self.open(name))
-            if diff_id is None:
-                return raw
-            return io.BufferedReader(_Verifying(raw, diff_id, what), 1 << 20)  # type: ignore[return-value]
+    def opener(self, name: str) -> Callable[[], BinaryIO]:
+        return lambda: decompressed(self.open(name))
 
-        return open_layer
+    def plain_size(self, name: str) -> int | None:
+        """The byte size of a blob stored uncompressed, else None (known only once read)."""
+        with self.open(name) as f:
+            head = f.read(4)
+        if head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC):
+            return None
+        if self.tar is None:
+            return os.path.getsize(os.path.join(self.path, name))
+        member = self.members[_norm(name)]
+        while member.issym() or member.islnk():  # extractfile followed these too
+            member = self.tar._find_link_target(member)  # noqa: SLF001
+        return member.size
 
 
 def _norm(name: str) -> str:
@@ -159,7 +132,7 @@ def _docker(files: _Files, tag: str | None) -> Image:
             f"image {files.path}: {len(paths)} layers but {len(diff_ids)} diff_ids in its config"
         )
     layers = [
-        Layer(d, files.opener(p, d, f"{files.path}:{p}"), comment=p)
+        Layer(d, files.opener(p), files.plain_size(p), comment=p)
         for p, d in zip(paths, diff_ids, strict=True)
     ]
     return Image(config, layers, list(entry.get("RepoTags") or []))
@@ -192,7 +165,7 @@ def _legacy(files: _Files, tag: str | None) -> Image:
                 size += len(chunk)
         diff_id = "sha256:" + h.hexdigest()
         name = f"{layer_id}/layer.tar"
-        layers.append(Layer(diff_id, files.opener(name, diff_id, name), size, comment=name))
+        layers.append(Layer(diff_id, files.opener(name), size, comment=name))
     config = {k: top[k] for k in ("created", "author", "architecture", "os", "variant") if k in top}
     config["config"] = top.get("config") or {}
     config["rootfs"] = {"type": "layers", "diff_ids": [x.diff_id for x in layers]}
@@ -227,7 +200,8 @@ def _oci(files: _Files, tag: str | None, os_name: str, arch: str | None) -> Imag
     layers = [
         Layer(
             d,
-            files.opener(_blob_path(x["digest"]), d, f"{files.path}:{x['digest']}"),
+            files.opener(_blob_path(x["digest"])),
+            files.plain_size(_blob_path(x["digest"])),
             comment=x["digest"],
         )
         for x, d in zip(descs, diff_ids, strict=True)
