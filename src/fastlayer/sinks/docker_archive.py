@@ -13,6 +13,7 @@ import fcntl
 import os
 import stat
 import tarfile
+from collections.abc import Callable
 from typing import BinaryIO
 
 from fastlayer._native.tarstream import LayerStream, pack_header
@@ -87,26 +88,41 @@ class DockerArchiveWriter:
         """Write a layer as `<sha256>/layer.tar`; returns the sha256 hex."""
         if isinstance(source, LayerStream):
             source = StreamSource(source)
+        return self.add_layer_as(source, mtime, lambda digest: f"{digest}/layer.tar")[0]
+
+    def add_layer_as(
+        self, source: LayerSource, mtime: int, name_of: Callable[[str], str]
+    ) -> tuple[str, int]:
+        """A layer entry named name_of(its sha256 hex); returns (hex, size).
+
+        With a known size on a seekable output the header's place is
+        reserved and written back; otherwise the bytes wait in a spool."""
         size = source.size
         if self.seekable and size is not None:
             start = self.offset
             hdr_len = len(self._layer_header(_PLACEHOLDER_NAME, size, mtime))
             self.write(b"\0" * hdr_len)
             digest = source.pump(self.write)
+            produced = self.offset - start - hdr_len
+            if produced != size:  # a header must not lie about its entry's size
+                raise OSError(f"layer produced {produced} bytes, not the {size} announced")
             self.write(_pad(size))
-            header = self._layer_header(f"{digest}/layer.tar".encode(), size, mtime)
-            assert len(header) == hdr_len
+            header = self._layer_header(name_of(digest).encode(), size, mtime)
+            if len(header) != hdr_len:  # the placeholder must cover the real name
+                raise ValueError(
+                    f"entry name {name_of(digest)!r} is not {len(_PLACEHOLDER_NAME)} bytes"
+                )
             os.pwrite(self.fd, header, self.base + start)
-            return digest
+            return digest, size
         spool = Spool(size, self.spool_dir)
         try:
             digest = source.pump(spool.write)
         except BaseException:
             spool.close()
             raise
-        self.write(self._layer_header(f"{digest}/layer.tar".encode(), spool.size, mtime))
-        self._emit_spool(spool)
-        return digest
+        size = spool.size
+        self.add_spool(name_of(digest), spool, mtime)
+        return digest, size
 
     def _emit_spool(self, spool: Spool) -> None:
         size = spool.size
@@ -135,6 +151,21 @@ class DockerArchiveWriter:
         """Stop the writer thread after a failure; the archive stays incomplete."""
         if self._ordered is not None:
             self._ordered.abort()
+
+    def add_spool(self, name: str, spool: Spool, mtime: int) -> None:
+        """A regular file (0644, root) whose bytes wait in spool; the spool is consumed."""
+        self.write(self._layer_header(name.encode(), spool.size, mtime))
+        self._emit_spool(spool)
+
+    def add_symlink(self, name: str, target: str, mtime: int) -> None:
+        self.write(
+            pack_header(name.encode(), b"2", 0o777, 0, mtime, 0, 0, b"", b"", target.encode())
+        )
+
+    def add_dir(self, name: str, mtime: int) -> None:
+        self.write(
+            pack_header(name.rstrip("/").encode() + b"/", b"5", 0o755, 0, mtime, 0, 0, b"", b"")
+        )
 
 
 class _Null:

@@ -1,0 +1,283 @@
+"""OCI image layout sinks: a directory (`--format oci-dir`) or a tar of one (`oci-archive`).
+
+Per the OCI image spec: `oci-layout` {"imageLayoutVersion": "1.0.0"},
+`blobs/sha256/<hex>` named by the digest of the blob as stored, and
+`index.json` whose descriptors carry `org.opencontainers.image.ref.name`
+= the tag (what `skopeo copy oci:DIR:TAG` and `umoci --image DIR:TAG`
+look up). Layers are stored uncompressed, gzip or zstd (one media type
+each); diff_ids in the config are always of the uncompressed tar.
+
+A blob's name is known only after its bytes: in a directory it is written
+to a temporary file in blobs/sha256 and renamed; in an archive it waits in
+a spool (sinks/spool.py), except uncompressed layers on a seekable output,
+whose header is written back like the docker-archive writer's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+
+from fastlayer.errors import FastlayerError
+from fastlayer.model import (
+    MT_OCI_CONFIG,
+    MT_OCI_INDEX,
+    MT_OCI_LAYER,
+    MT_OCI_LAYER_GZIP,
+    MT_OCI_LAYER_ZSTD,
+    MT_OCI_MANIFEST,
+    OCI_LAYOUT_VERSION,
+    LayerSource,
+    WrittenLayer,
+)
+from fastlayer.sinks.base import Finishing, ImageRecord, config_bytes, full_tags, split_ref
+from fastlayer.sinks.compress import FdWriter, pump_compressed
+from fastlayer.sinks.docker_archive import DockerArchiveWriter
+from fastlayer.sinks.output import output_fd
+from fastlayer.sinks.spool import Spool
+
+REF_NAME = "org.opencontainers.image.ref.name"
+LAYER_TYPES = {"none": MT_OCI_LAYER, "gzip": MT_OCI_LAYER_GZIP, "zstd": MT_OCI_LAYER_ZSTD}
+LAYOUT = json.dumps({"imageLayoutVersion": OCI_LAYOUT_VERSION}).encode()
+
+
+def descriptor(media_type: str, data: bytes) -> dict:
+    return {
+        "mediaType": media_type,
+        "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+        "size": len(data),
+    }
+
+
+def _json(obj: object) -> bytes:
+    return json.dumps(obj, indent=2).encode("utf-8")
+
+
+class _OciImage(Finishing):
+    """What both OCI sinks share: layers in, config + manifest + index out."""
+
+    def __init__(self, kind: str, name: str, tag: str):
+        self.kind, self.name, self.tag = kind, name, tag
+        self.layers: list[WrittenLayer] = []
+
+    def put_blob(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def put_index(self, manifest: dict, refs: list[str]) -> None:
+        raise NotImplementedError
+
+    def finish(self, config: dict, repo_tags: list[str]) -> ImageRecord:
+        if (config.get("rootfs") or {}).get("diff_ids") != [x.diff_id for x in self.layers]:
+            raise ValueError("config rootfs.diff_ids do not match the layers written")
+        raw = config_bytes(config)
+        self.put_blob(raw)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MT_OCI_MANIFEST,
+            "config": descriptor(MT_OCI_CONFIG, raw),
+            "layers": [
+                {"mediaType": x.media_type, "digest": x.digest, "size": x.blob_size}
+                for x in self.layers
+            ],
+        }
+        manifest_raw = _json(manifest)
+        self.put_blob(manifest_raw)
+        refs = [split_ref(t)[1] for t in full_tags(repo_tags, self.name, self.tag)]
+        self.put_index(descriptor(MT_OCI_MANIFEST, manifest_raw), list(dict.fromkeys(refs)))
+        self.finished = True
+        mdigest = "sha256:" + hashlib.sha256(manifest_raw).hexdigest()
+        return ImageRecord(manifest["config"]["digest"], mdigest, list(self.layers))
+
+
+def index_json(manifests: list[dict], desc: dict, refs: list[str]) -> bytes:
+    """index.json: earlier entries kept unless they carry one of refs, then ours."""
+    kept = [m for m in manifests if (m.get("annotations") or {}).get(REF_NAME) not in refs]
+    ours = [{**desc, "annotations": {REF_NAME: r}} for r in refs] or [desc]
+    return _json({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": kept + ours})
+
+
+class OciDirSink(_OciImage):
+    """Writes into a layout directory; blobs by temporary file + rename."""
+
+    def __init__(self, root: str, kind: str, name: str = "", tag: str = ""):
+        super().__init__(kind, name, tag)
+        self.root = root
+        self.blobs = os.path.join(root, "blobs", "sha256")
+        self.created: list[str] = []  # what abort() removes from an existing layout
+        for d in (os.path.join(root, "blobs"), self.blobs):
+            if not os.path.isdir(d):
+                os.mkdir(d)
+                self.created.append(d)
+        if not os.path.exists(os.path.join(root, "oci-layout")):
+            self._replace("oci-layout", LAYOUT)
+
+    def _replace(self, name: str, data: bytes) -> None:
+        path = os.path.join(self.root, name)
+        existed = os.path.exists(path)
+        self._write_new(path, lambda w: w.write(data), hashing=False)
+        if not existed:
+            self.created.append(path)
+
+    def _write_new(self, path: str | None, produce: Callable[[FdWriter], object], hashing=True):
+        """Write a file atomically; path None: name it by its sha256 in blobs/sha256."""
+        fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".fastlayer-", suffix=".part")
+        try:
+            w = FdWriter(fd, hashing)
+            result = produce(w)
+            os.fchmod(fd, 0o644)
+            os.close(fd)
+            fd = -1
+            if path is None:
+                assert w.sha256 is not None
+                path = os.path.join(self.blobs, w.sha256.hexdigest())
+                if os.path.exists(path):  # same digest, same bytes
+                    os.unlink(tmp)
+                    return result, w
+                self.created.append(path)
+            os.replace(tmp, path)
+            return result, w
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def add_layer(self, source: LayerSource, comment: str = "") -> WrittenLayer:
+        (hexd, size), w = self._write_new(None, lambda w: pump_compressed(source, self.kind, w))
+        assert w.sha256 is not None
+        layer = WrittenLayer(
+            f"sha256:{hexd}", size, f"sha256:{w.sha256.hexdigest()}", w.size, LAYER_TYPES[self.kind]
+        )
+        self.layers.append(layer)
+        return layer
+
+    def put_blob(self, data: bytes) -> None:
+        self._write_new(None, lambda w: w.write(data))
+
+    def put_index(self, manifest: dict, refs: list[str]) -> None:
+        path = os.path.join(self.root, "index.json")
+        old: list[dict] = []
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                old = json.load(f).get("manifests") or []
+        self._replace("index.json", index_json(old, manifest, refs))
+
+    def abort(self) -> None:
+        for path in reversed(self.created):
+            with contextlib.suppress(OSError):
+                os.rmdir(path) if os.path.isdir(path) else os.unlink(path)
+
+
+@contextlib.contextmanager
+def oci_dir_sink(output: str, kind: str, name: str, tag: str) -> Iterator[OciDirSink]:
+    """A new directory appears whole (built beside it, then renamed); an existing
+    layout (or empty directory) gets the image added, and on error loses what was added."""
+    if os.path.exists(output):
+        if not os.path.isdir(output) or (
+            os.listdir(output) and not os.path.exists(os.path.join(output, "oci-layout"))
+        ):
+            raise FastlayerError(f"{output} exists and is not an OCI image layout directory")
+        sink = OciDirSink(output, kind, name, tag)
+        try:
+            yield sink
+            sink.check_finished()
+        except BaseException:
+            sink.abort()
+            raise
+        return
+    parent = os.path.dirname(os.path.abspath(output))
+    try:
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".fastlayer-", suffix=".part")
+    except OSError as e:
+        raise FastlayerError(f"cannot write {output}: {e.strerror}") from None
+    try:
+        os.chmod(tmp, 0o755)
+        sink = OciDirSink(tmp, kind, name, tag)
+        yield sink
+        sink.check_finished()
+        os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class _HashingSpool:
+    def __init__(self, spool: Spool):
+        self.spool = spool
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data)
+        self.sha256.update(view)
+        self.spool.write(view)
+        return len(view)
+
+
+class OciArchiveSink(_OciImage):
+    """An OCI layout as a tar stream: oci-layout, blobs/, then index.json last."""
+
+    def __init__(self, writer: DockerArchiveWriter, kind: str, name="", tag="", mtime=0):
+        super().__init__(kind, name, tag)
+        self.writer, self.mtime = writer, mtime
+        self.names: set[str] = set()  # blob entries written, not to repeat one
+        writer.add_bytes("oci-layout", LAYOUT, mtime)
+        writer.add_dir("blobs/", mtime)
+        writer.add_dir("blobs/sha256/", mtime)
+
+    def add_layer(self, source: LayerSource, comment: str = "") -> WrittenLayer:
+        if self.kind == "none":
+            hexd, size = self.writer.add_layer_as(source, self.mtime, lambda h: f"blobs/sha256/{h}")
+            self.names.add(hexd)
+            layer = WrittenLayer(f"sha256:{hexd}", size, f"sha256:{hexd}", size, MT_OCI_LAYER)
+        else:
+            spool = Spool(source.size, self.writer.spool_dir)
+            try:
+                out = _HashingSpool(spool)
+                hexd, size = pump_compressed(source, self.kind, out)
+                blob = out.sha256.hexdigest()
+                if blob in self.names:
+                    spool.close()
+                else:
+                    self.names.add(blob)
+                    self.writer.add_spool(f"blobs/sha256/{blob}", spool, self.mtime)
+            except BaseException:
+                spool.close()
+                raise
+            kind_type = LAYER_TYPES[self.kind]
+            layer = WrittenLayer(f"sha256:{hexd}", size, f"sha256:{blob}", spool.size, kind_type)
+        self.layers.append(layer)
+        return layer
+
+    def put_blob(self, data: bytes) -> None:
+        hexd = hashlib.sha256(data).hexdigest()
+        if hexd not in self.names:
+            self.names.add(hexd)
+            self.writer.add_bytes(f"blobs/sha256/{hexd}", data, self.mtime)
+
+    def put_index(self, manifest: dict, refs: list[str]) -> None:
+        self.writer.add_bytes("index.json", index_json([], manifest, refs), self.mtime)
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+@contextlib.contextmanager
+def oci_archive_sink(
+    output: str | None, kind: str, name: str, tag: str, mtime: int
+) -> Iterator[OciArchiveSink]:
+    with output_fd(output) as fd:
+        writer = DockerArchiveWriter(fd)
+        sink = OciArchiveSink(writer, kind, name, tag, mtime)
+        try:
+            yield sink
+            sink.check_finished()
+        except BaseException:
+            sink.abort()
+            raise
