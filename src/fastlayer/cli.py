@@ -14,6 +14,8 @@ import sys
 # Subcommand name -> module in fastlayer.commands, in the order --help lists them.
 COMMANDS = {
     "stream-nix": "stream_nix",
+    "build": "build",
+    "stream": "build",
     "rank": "rank",
     "plan": "plan",
     "nar-hash": "nar_hash",

@@ -1,0 +1,255 @@
+"""spec + graph -> plan -> layers -> sink. Nothing else happens here.
+
+The order of work: check the spec, open the base image, plan store layers
+within the budget the base leaves, stage the customisation layer, then feed
+every layer once into the sink (base layers verified as copied, store layers
+walked one ahead and streamed in a single pass), and finish with the config.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastlayer.emit import Owner, ReaderSource, StreamSource, store_layer, walk_ahead
+from fastlayer.errors import FastlayerError
+from fastlayer.model import Image, LayerSource
+from fastlayer.nixconf import merge_env
+from fastlayer.sources.base_image import open_image
+from fastlayer.sources.customisation import customisation_layer, stage
+from fastlayer.spec import Spec, format_time, load_spec, parse_time
+
+# Keys whose dicts merge (child wins per key); any other key set by the child
+# replaces the base's value. Env merges by variable name, as nixpkgs does.
+MERGED_KEYS = ("Labels", "ExposedPorts", "Volumes")
+
+
+@dataclass
+class LayerInfo:
+    diff_id: str
+    size: int
+    digest: str
+    paths: list[str] = field(default_factory=list)
+    comment: str = ""
+
+
+@dataclass
+class BuildResult:
+    name: str
+    tag: str
+    image_id: str  # config digest
+    manifest_digest: str | None
+    config: dict[str, Any]
+    layers: list[LayerInfo]
+    plan: Any = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.tag}"
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "tag": self.tag,
+            "image_id": self.image_id,
+            "manifest_digest": self.manifest_digest,
+            "layers": [
+                {"diff_id": x.diff_id, "size": x.size, "digest": x.digest, "paths": x.paths}
+                for x in self.layers
+            ],
+        }
+
+
+def inherit_config(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """The runtime config of an image built on `base` (documented in README)."""
+    out = dict(base)
+    for key, value in child.items():
+        if key == "Env":
+            out["Env"] = merge_env(base.get("Env") or [], value)
+        elif key in MERGED_KEYS:
+            out[key] = {**(base.get(key) or {}), **value}
+        else:
+            out[key] = value
+    if "Entrypoint" in child and "Cmd" not in child:
+        out.pop("Cmd", None)  # a new entrypoint resets the base's arguments, as in Docker
+    return out
+
+
+def derive_tag(config: dict[str, Any]) -> str:
+    """32 hex characters from the config, which holds every layer's diff_id."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def closure_rows(graph: Any, roots: list[str]) -> Any:
+    """Indices of every path reachable from roots (all paths when no roots)."""
+    import numpy as np  # only builds with store paths need it
+
+    if not roots:
+        return np.arange(graph.n)
+    index = graph.index()
+    missing = [p for p in roots if p not in index]
+    if missing:
+        raise FastlayerError(f"the closure graph does not cover store path {missing[0]}")
+    seen = np.zeros(graph.n, dtype=bool)
+    stack = [index[p] for p in roots]
+    indptr, indices = graph.indptr, graph.indices
+    while stack:
+        i = stack.pop()
+        if seen[i]:
+            continue
+        seen[i] = True
+        stack.extend(int(j) for j in indices[indptr[i] : indptr[i + 1]] if not seen[j])
+    return np.flatnonzero(seen)
+
+
+def plan_store_layers(spec: Spec, base_layers: int) -> Any:
+    """The store layers' plan, or None when the image holds no store paths."""
+    from fastlayer.graph import load_graph
+    from fastlayer.plan import make_plan, read_plan, store_layer_budget
+
+    budget = store_layer_budget(spec.max_layers, base_layers)
+    if not spec.include_store_paths or not spec.contents.graph:
+        return None
+    graph = load_graph(spec.contents.graph, store_dir=spec.store_dir)
+    rows = closure_rows(graph, spec.contents.store_paths)
+    if len(rows) < graph.n:
+        graph = graph.subgraph(rows)
+    previous = read_plan(spec.previous_plan) if spec.previous_plan else None
+    return make_plan(graph, spec.strategy, budget, previous=previous, steps=spec.pipeline)
+
+
+class _Progress:
+    """Layer k of n, bytes, rate and time left on a terminal; nothing otherwise."""
+
+    def __init__(self, total: int, layers: int, enabled: bool):
+        self.bar = None
+        self.layers = layers
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total or None,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                leave=False,
+                dynamic_ncols=True,
+            )
+
+    def wrap(self, source: LayerSource, k: int) -> LayerSource:
+        if self.bar is None:
+            return source
+        bar, layers = self.bar, self.layers
+
+        class Counted:
+            size = source.size
+
+            def pump(self, write: Callable[[memoryview], object]) -> str:
+                bar.set_description(f"layer {k}/{layers}")
+
+                def counted(view: memoryview) -> object:
+                    bar.update(len(view))
+                    return write(view)
+
+                return source.pump(counted)
+
+        return Counted()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def build(
+    spec: Spec | dict[str, Any] | str,
+    output: str | None = None,
+    *,
+    format: str = "docker-archive",
+    compress: str | None = None,
+    progress: bool = False,
+) -> BuildResult:
+    """Build the image of spec into output (None: stdout) in the given format."""
+    from fastlayer.sinks.base import open_sink
+
+    spec = load_spec(spec)
+    created = parse_time(spec.created, "created")
+    mtime = int(parse_time(spec.mtime, "mtime").timestamp())
+    owner = Owner(mtime=mtime, uid=spec.uid, gid=spec.gid, uname=spec.uname, gname=spec.gname)
+    base = open_image(spec.from_image, tag=spec.from_image_tag) if spec.from_image else None
+    plan = plan_store_layers(spec, len(base.layers) if base else 0)
+    store_paths = [layer.paths for layer in plan.layers] if plan else []
+    compress = compress or spec.compression
+    n_layers = (len(base.layers) if base else 0) + len(store_paths) + 1
+    total = plan.total_size if plan else 0
+    bar = _Progress(total, n_layers, progress)
+    try:
+        with tempfile.TemporaryDirectory(prefix="fastlayer-stage-") as staging_dir:
+            staging = Path(staging_dir)
+            stage(spec, staging)
+            custom = customisation_layer(spec, staging, owner)
+            # the tag may be derived from the config: finish() is given it
+            with open_sink(
+                output, format=format, compress=compress, name=spec.name, mtime=mtime
+            ) as sink:
+                infos: list[LayerInfo] = []
+                for k, (source, paths, comment) in enumerate(
+                    _sources(spec, base, store_paths, owner, custom), start=1
+                ):
+                    w = sink.add_layer(bar.wrap(source, k), comment)
+                    infos.append(LayerInfo(w.diff_id, w.size, w.digest, paths, comment))
+                config = _image_config(spec, base, infos, created)
+                final_tag = spec.tag or derive_tag(config)
+                record = sink.finish(config, [f"{spec.name}:{final_tag}"])
+    finally:
+        bar.close()
+    return BuildResult(
+        spec.name, final_tag, record.config_digest, record.manifest_digest, config, infos, plan
+    )
+
+
+def stream(spec: Spec | dict[str, Any] | str, **kw: Any) -> BuildResult:
+    """Build as an uncompressed docker-archive on stdout."""
+    return build(spec, None, format="docker-archive", compress="none", **kw)
+
+
+def _sources(
+    spec: Spec,
+    base: Image | None,
+    store_paths: list[list[str]],
+    owner: Owner,
+    custom: Any,
+) -> Iterator[tuple[LayerSource, list[str], str]]:
+    if base is not None:
+        for layer in base.layers:
+            yield ReaderSource(layer, spec.verify_base), [], f"base layer {layer.comment}"
+    makers = [
+        functools.partial(store_layer, paths, owner, spec.store_root) for paths in store_paths
+    ]
+    for paths, walked in zip(store_paths, walk_ahead(makers), strict=True):
+        yield StreamSource(walked), paths, f"store paths: {paths}"
+    yield StreamSource(custom), [], "customisation layer"
+
+
+def _image_config(
+    spec: Spec, base: Image | None, layers: list[LayerInfo], created: Any
+) -> dict[str, Any]:
+    base_cfg = base.config if base else {}
+    when = format_time(created)
+    n_base = len(base.layers) if base else 0
+    history = list(base_cfg.get("history") or []) if base else []
+    history += [{"created": when, "comment": x.comment} for x in layers[n_base:]]
+    config: dict[str, Any] = {"created": when, "architecture": spec.architecture, "os": spec.os}
+    if spec.variant:
+        config["variant"] = spec.variant
+    config["config"] = inherit_config(base_cfg.get("config") or {}, spec.config)
+    config["rootfs"] = {"type": "layers", "diff_ids": [x.diff_id for x in layers]}
+    config["history"] = history
+    return config

@@ -1,0 +1,80 @@
+"""`fastlayer build` and `fastlayer stream`: an image from a spec file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from fastlayer.errors import FastlayerError
+
+FORMATS = ("docker-archive", "oci-dir", "oci-archive")
+COMPRESS_BY_SUFFIX = {".tar.gz": "gzip", ".tgz": "gzip", ".tar.zst": "zstd", ".tar": "none"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("build", help="build an image from a spec (TOML or JSON) into a file")
+    b.add_argument("spec", help="the image spec, .toml or .json")
+    b.add_argument("-o", "--output", required=True, help="the image file or OCI directory")
+    b.add_argument("--format", choices=FORMATS, default="docker-archive")
+    b.add_argument(
+        "--compress",
+        choices=("none", "gzip", "zstd"),
+        help="compress the archive (default: from the extension, else the spec)",
+    )
+    _common(b)
+    b.set_defaults(func=run_build)
+    s = sub.add_parser("stream", help="stream an image from a spec to stdout (docker-archive)")
+    s.add_argument("spec", help="the image spec, .toml or .json")
+    _common(s)
+    s.set_defaults(func=run_stream)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metadata", help="write name, tag, image ID and layers as JSON here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+
+
+def compression_for(output: str, given: str | None) -> str | None:
+    if given:
+        return given
+    for suffix, kind in COMPRESS_BY_SUFFIX.items():
+        if output.endswith(suffix):
+            return kind
+    return None
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from fastlayer.builder import build
+
+    compress = compression_for(args.output, args.compress)
+    if args.format == "oci-dir" and compress not in (None, "none") and args.compress is None:
+        compress = None  # a directory has no extension to go by
+    result = build(
+        args.spec,
+        args.output,
+        format=args.format,
+        compress=compress,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    _report(args, result)
+    return 0
+
+
+def run_stream(args: argparse.Namespace) -> int:
+    from fastlayer.builder import stream
+
+    if sys.stdout.isatty():
+        raise FastlayerError("refusing to write an image to a terminal; pipe it or use build -o")
+    result = stream(args.spec, progress=not args.quiet and sys.stderr.isatty())
+    _report(args, result)
+    return 0
+
+
+def _report(args: argparse.Namespace, result) -> None:
+    if args.metadata:
+        from fastlayer.plan.planfile import write_atomic
+
+        write_atomic(args.metadata, json.dumps(result.metadata(), indent=2) + "\n")
+    # the tag: on stdout after a build, on stderr when stdout carries the image
+    print(result.tag, file=sys.stderr if args.func is run_stream else sys.stdout)

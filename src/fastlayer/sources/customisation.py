@@ -1,0 +1,148 @@
+"""The customisation layer: what goes into `/` besides the store.
+
+It is assembled in a staging directory (as nixpkgs' customisation layer is):
+store paths' contents symlinked in the way symlinkJoin does it, root
+directories and files copied (hard links where possible), fakeNss files,
+then `extra_commands` run there as the invoking user. Owners and modes in
+the archive come from the spec and its permission rules, never from the
+staging files, so no root or fakeroot is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from fastlayer._native.tarstream import LayerStream
+from fastlayer.emit import Owner, fsencode, walk
+from fastlayer.errors import FastlayerError
+from fastlayer.spec import FakeNss, Permission, Spec
+
+
+def fake_nss_files(nss: FakeNss) -> dict[str, str]:
+    """/etc/passwd, /etc/group and /etc/nsswitch.conf, as nixpkgs' fakeNss writes them."""
+    passwd = [
+        "root:x:0:0:root user:/var/empty:/bin/sh",
+        *nss.passwd,
+        "nobody:x:65534:65534:nobody:/var/empty:/bin/sh",
+    ]
+    group = ["root:x:0:", *nss.group, "nobody:x:65534:"]
+    return {
+        "etc/passwd": "".join(line + "\n" for line in passwd),
+        "etc/group": "".join(line + "\n" for line in group),
+        "etc/nsswitch.conf": "hosts: files dns\n",
+    }
+
+
+def stage(spec: Spec, staging: Path) -> None:
+    """Fill staging with the customisation layer's tree."""
+    staging.chmod(0o755)
+    if spec.contents.link_store_paths:
+        for store_path in spec.contents.store_paths:
+            _link_join(Path(spec.on_disk(store_path)), Path(store_path), staging)
+    # extra_commands may edit what it finds: then copies, so the user's files stay
+    copy = shutil.copy2 if spec.extra_commands else _link_or_copy
+    for root in spec.contents.roots:
+        shutil.copytree(root, staging, symlinks=True, dirs_exist_ok=True, copy_function=copy)
+    for f in spec.contents.files:
+        target = staging / os.path.basename(f.rstrip("/"))
+        _replace(target)
+        if os.path.islink(f):
+            target.symlink_to(os.readlink(f))
+        else:
+            copy(f, str(target))
+    if spec.fake_nss is not None:
+        for rel, text in fake_nss_files(spec.fake_nss).items():
+            p = staging / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            _replace(p)
+            p.write_text(text)
+        (staging / "var" / "empty").mkdir(parents=True, exist_ok=True)
+    if spec.extra_commands:
+        r = subprocess.run(
+            ["/bin/sh", "-ec", spec.extra_commands],
+            cwd=staging,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise FastlayerError(f"extra_commands failed with exit code {r.returncode}: {last}")
+
+
+def customisation_layer(spec: Spec, staging: Path, owner: Owner) -> LayerStream:
+    """Walk the staged tree into a layer with absolute names, rules applied."""
+    roots = [(fsencode(str(staging / n)), fsencode("/" + n)) for n in _sorted(staging)]
+    stream = walk([], roots, owner)
+    if spec.permissions:
+        stream.set_rules([_rule(p) for p in spec.permissions])
+    return stream
+
+
+def _rule(p: Permission) -> tuple[bytes, int, int, int]:
+    keep = -1
+    path = "/" + p.path.lstrip("/")
+    return (
+        fsencode(path),
+        keep if p.uid is None else p.uid,
+        keep if p.gid is None else p.gid,
+        keep if p.mode is None else p.mode,
+    )
+
+
+def _sorted(d: Path) -> list[str]:
+    # str order of the top names, so the whole layer is in component-wise order
+    return sorted(os.listdir(d))
+
+
+def _link_join(src: Path, target: Path, dst: Path) -> None:
+    """symlinkJoin for one store path: real directories, symlinks at the leaves.
+
+    src is where the path is on disk, target its name in the image (the links
+    point there). A leaf already present (from an earlier path) is kept, as
+    lndir does."""
+    if not src.is_dir() or src.is_symlink():
+        leaf = dst / _name_without_hash(src.name)
+        if not os.path.lexists(leaf):
+            leaf.symlink_to(target)
+        return
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        out = dst / rel
+        if out.is_symlink():  # an earlier path linked this directory whole: keep it
+            dirnames[:] = []
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        leaves = list(filenames)
+        for d in list(dirnames):
+            if os.path.islink(os.path.join(dirpath, d)):
+                leaves.append(d)  # symlinked directories are leaves
+                dirnames.remove(d)
+        for name in leaves:
+            leaf = out / name
+            if not os.path.lexists(leaf):
+                leaf.symlink_to(target / rel / name)
+
+
+def _name_without_hash(name: str) -> str:
+    head, sep, rest = name.partition("-")
+    return rest if sep and len(head) == 32 else name
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def _replace(p: Path) -> None:
+    if os.path.lexists(p):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
