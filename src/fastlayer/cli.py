@@ -16,10 +16,14 @@ COMMANDS = {
     "stream-nix": "stream_nix",
     "build": "build",
     "stream": "build",
+    "inspect": "inspect",
+    "merge": "merge",
     "rank": "rank",
     "plan": "plan",
     "nar-hash": "nar_hash",
     "graph": "graph",
+    "pull": "pull",
+    "push": "push",
 }
 
 
