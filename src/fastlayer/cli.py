@@ -22,8 +22,6 @@ COMMANDS = {
     "plan": "plan",
     "nar-hash": "nar_hash",
     "graph": "graph",
-    "pull": "pull",
-    "push": "push",
 }
 
 
