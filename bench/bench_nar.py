@@ -49,20 +49,7 @@ NIX_ENV = {**os.environ, "NIX_CONFIG": "build-users-group =\nexperimental-featur
 
 def floor(root: Path) -> int:
     """Read + sha256 every file, single thread, large buffers: the work any NAR hash does."""
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            if os.path.islink(path):
-                continue
-            h = hashlib.sha256()
-            with open(path, "rb", buffering=0) as f:
-                while n := f.readinto(buf):
-                    h.update(view[:n])
-                    total += n
-    return total
+    return synthstore.floor_once(root)[1]
 
 
 def cpu_seconds() -> float:

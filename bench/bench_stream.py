@@ -39,31 +39,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthstore import ensure_store, parse_size  # noqa: E402
+from synthstore import ensure_store, floor_once, parse_size  # noqa: E402
 
 NAMESPACE = (
     'mount -t tmpfs none /nix && mkdir /nix/store && mount --bind "$1/nix/store" /nix/store'
     ' && shift && exec "$@"'
 )
-
-
-def floor_once(store: Path) -> tuple[int, int]:
-    """sha256 every regular file under `store` once; return (files, bytes)."""
-    files = nbytes = 0
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
-    for dirpath, _dirs, names in os.walk(store):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            if os.path.islink(path):
-                continue
-            h = hashlib.sha256()
-            with open(path, "rb", buffering=0) as f:
-                while n := f.readinto(buf):
-                    h.update(view[:n])
-                    nbytes += n
-            files += 1
-    return files, nbytes
 
 
 class SpoolSampler(threading.Thread):

@@ -381,6 +381,25 @@ def _summary(stamp: dict) -> str:
     )
 
 
+def floor_once(store: Path) -> tuple[int, int]:
+    """sha256 every regular file under `store` once; return (files, bytes)."""
+    files = nbytes = 0
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    for dirpath, _dirs, names in os.walk(store):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                continue
+            h = hashlib.sha256()
+            with open(path, "rb", buffering=0) as f:
+                while n := f.readinto(buf):
+                    h.update(view[:n])
+                    nbytes += n
+            files += 1
+    return files, nbytes
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dir", default="/tmp/fastlayer-bench", help="output directory")

@@ -10,15 +10,14 @@ twice must be the same entry, else the inputs are inconsistent.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import tarfile
 
 from fastlayer.errors import FastlayerError
-from fastlayer.sinks.compress import KINDS, CompressingPipe, kind_for
+from fastlayer.sinks.compress import KINDS, kind_for
 from fastlayer.sinks.docker_archive import DockerArchiveWriter
-from fastlayer.sinks.output import output_fd
+from fastlayer.sinks.docker_image import archive_writer
 
 _MERGED = ("manifest.json", "repositories")
 
@@ -102,19 +101,7 @@ def run(args: argparse.Namespace) -> int:
     for path in args.archives:
         if not os.path.isfile(path):
             raise FastlayerError(f"no such archive: {path}")
-    kind = kind_for(args.output, args.compress)
-    with output_fd(args.output) as fd:
-        pipe = CompressingPipe(kind, fd) if kind != "none" else None
-        out = DockerArchiveWriter(pipe.fd if pipe else fd)
-        try:
-            merge(args.archives, out)
-            out.close()
-        except BaseException:
-            out.abort()
-            if pipe is not None:
-                with contextlib.suppress(Exception):
-                    pipe.close()
-            raise
-        if pipe is not None:
-            pipe.close()
+    with archive_writer(args.output, kind_for(args.output, args.compress)) as out:
+        merge(args.archives, out)
+        out.close()
     return 0

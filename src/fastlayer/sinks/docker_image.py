@@ -112,21 +112,32 @@ def _dumps(obj: object) -> bytes:
 
 
 @contextlib.contextmanager
-def docker_archive_sink(
-    output: str | None, kind: str, name: str, tag: str, mtime: int
-) -> Iterator[DockerArchiveSink]:
-    """A DockerArchiveSink on output, the whole archive compressed when kind says so."""
+def archive_writer(output: str | None, kind: str) -> Iterator[DockerArchiveWriter]:
+    """A DockerArchiveWriter on output (atomic), compressed whole when kind says so.
+
+    The body must close() the writer when done; on an exception the writer
+    is aborted and nothing is left at output."""
     with output_fd(output) as fd:
         pipe = CompressingPipe(kind, fd) if kind != "none" else None
-        sink = DockerArchiveSink(DockerArchiveWriter(pipe.fd if pipe else fd), name, tag, mtime)
+        writer = DockerArchiveWriter(pipe.fd if pipe else fd)
         try:
-            yield sink
-            sink.check_finished()
+            yield writer
         except BaseException:
-            sink.abort()
+            writer.abort()
             if pipe is not None:
                 with contextlib.suppress(Exception):
                     pipe.close()
             raise
         if pipe is not None:
             pipe.close()
+
+
+@contextlib.contextmanager
+def docker_archive_sink(
+    output: str | None, kind: str, name: str, tag: str, mtime: int
+) -> Iterator[DockerArchiveSink]:
+    """A DockerArchiveSink on output, the whole archive compressed when kind says so."""
+    with archive_writer(output, kind) as writer:
+        sink = DockerArchiveSink(writer, name, tag, mtime)
+        yield sink
+        sink.check_finished()
