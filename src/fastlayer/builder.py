@@ -14,6 +14,7 @@ import json
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from fastlayer.emit import Owner, ReaderSource, StreamSource, store_layer, walk_
 from fastlayer.errors import FastlayerError
 from fastlayer.model import Image, LayerSource
 from fastlayer.nixconf import merge_env
+from fastlayer.sinks.base import ImageSink
 from fastlayer.sources.base_image import open_image
 from fastlayer.sources.customisation import customisation_layer, stage
 from fastlayer.spec import Spec, format_time, load_spec, parse_time
@@ -49,6 +51,7 @@ class BuildResult:
     config: dict[str, Any]
     layers: list[LayerInfo]
     plan: Any = None
+    record: Any = None  # the sink's ImageRecord
 
     @property
     def ref(self) -> str:
@@ -180,25 +183,41 @@ def build(
     from fastlayer.sinks.base import open_sink
 
     spec = load_spec(spec)
+
+    def sink_for(mtime: int) -> ContextManager[ImageSink]:
+        kind = compress or spec.compression
+        return open_sink(output, format=format, compress=kind, name=spec.name, mtime=mtime)
+
+    return build_into(spec, sink_for, progress=progress)
+
+
+def build_into(
+    spec: Spec | dict[str, Any] | str,
+    sink_for: Callable[[int], ContextManager[ImageSink]],
+    *,
+    name: str | None = None,
+    tag: str | None = None,
+    progress: bool = False,
+) -> BuildResult:
+    """Build into the sink sink_for(mtime) opens (a file, a registry...).
+
+    name/tag: the reference to record, when not the spec's own."""
+    spec = load_spec(spec)
     created = parse_time(spec.created, "created")
     mtime = int(parse_time(spec.mtime, "mtime").timestamp())
     owner = Owner(mtime=mtime, uid=spec.uid, gid=spec.gid, uname=spec.uname, gname=spec.gname)
     base = open_image(spec.from_image, tag=spec.from_image_tag) if spec.from_image else None
     plan = plan_store_layers(spec, len(base.layers) if base else 0)
     store_paths = [layer.paths for layer in plan.layers] if plan else []
-    compress = compress or spec.compression
     n_layers = (len(base.layers) if base else 0) + len(store_paths) + 1
-    total = plan.total_size if plan else 0
-    bar = _Progress(total, n_layers, progress)
+    bar = _Progress(plan.total_size if plan else 0, n_layers, progress)
+    name = name or spec.name
     try:
         with tempfile.TemporaryDirectory(prefix="fastlayer-stage-") as staging_dir:
             staging = Path(staging_dir)
             stage(spec, staging)
             custom = customisation_layer(spec, staging, owner)
-            # the tag may be derived from the config: finish() is given it
-            with open_sink(
-                output, format=format, compress=compress, name=spec.name, mtime=mtime
-            ) as sink:
+            with sink_for(mtime) as sink:
                 infos: list[LayerInfo] = []
                 for k, (source, paths, comment) in enumerate(
                     _sources(spec, base, store_paths, owner, custom), start=1
@@ -206,12 +225,13 @@ def build(
                     w = sink.add_layer(bar.wrap(source, k), comment)
                     infos.append(LayerInfo(w.diff_id, w.size, w.digest, paths, comment))
                 config = _image_config(spec, base, infos, created)
-                final_tag = spec.tag or derive_tag(config)
-                record = sink.finish(config, [f"{spec.name}:{final_tag}"])
+                # a derived tag comes from the config, so only now is it known
+                final_tag = tag or spec.tag or derive_tag(config)
+                record = sink.finish(config, [f"{name}:{final_tag}"])
     finally:
         bar.close()
     return BuildResult(
-        spec.name, final_tag, record.config_digest, record.manifest_digest, config, infos, plan
+        name, final_tag, record.config_digest, record.manifest_digest, config, infos, plan, record
     )
 
 
