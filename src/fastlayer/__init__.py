@@ -8,6 +8,7 @@ Public API (imported lazily, so `import fastlayer` stays cheap):
 - open_image(path, tag=None) -> Image (any base image format)
 - load_graph(path) -> ClosureGraph; rank(graph); make_plan(graph, strategy, budget)
 - nar_hash(path) -> NarInfo; nar_hash_many(paths); scan_references(store_dir, paths)
+- pull(ref, output, ...); push_image(path, "docker://reg/name:tag"); push_spec(spec, dest)
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ _LAZY = {
     "NarInfo": "fastlayer.nix.nar",
     "scan_references": "fastlayer.nix.scan",
     "scan_store": "fastlayer.nix.scan",
+    "pull": "fastlayer.registry.pull",
+    "push_image": "fastlayer.registry.push",
+    "push_spec": "fastlayer.registry.push",
 }
 
 __all__ = ["FastlayerError", "__version__", *_LAZY]

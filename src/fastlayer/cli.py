@@ -22,6 +22,8 @@ COMMANDS = {
     "plan": "plan",
     "nar-hash": "nar_hash",
     "graph": "graph",
+    "pull": "pull",
+    "push": "push",
 }
 
 

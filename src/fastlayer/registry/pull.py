@@ -1,0 +1,381 @@
+"""`fastlayer pull`: an image from a registry into a docker-archive or OCI layout.
+
+Manifest (and index, resolved to the wanted platform), config and every
+layer blob are checked against the digest and size their parent promised;
+blobs download in parallel into a temporary directory beside the output,
+and the image appears at the output only when everything checked out.
+
+- oci-dir keeps every byte as the registry served it (config, compressed
+  blobs, an OCI manifest), so blob digests and the image id stay the
+  registry's. A Docker schema 2 manifest is rewritten as its OCI twin
+  (same blobs, OCI media types), as `skopeo copy ... oci:` does, since OCI
+  tools (umoci) refuse Docker manifests in a layout: its digest then
+  differs from the registry's.
+- docker-archive holds each layer uncompressed (its diff_id checked as it
+  is decompressed) and the config as fastlayer's sinks write configs, so
+  its image id is the sha256 of that re-serialised config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from fastlayer.errors import DigestMismatch, FastlayerError
+from fastlayer.model import (
+    MT_DOCKER_CONFIG,
+    MT_DOCKER_LAYER,
+    MT_DOCKER_LAYER_GZIP,
+    MT_DOCKER_LIST,
+    MT_DOCKER_MANIFEST,
+    MT_OCI_CONFIG,
+    MT_OCI_INDEX,
+    MT_OCI_LAYER,
+    MT_OCI_LAYER_GZIP,
+    MT_OCI_MANIFEST,
+    OCI_LAYOUT_VERSION,
+    Layer,
+)
+from fastlayer.registry.cache import Blob, BlobCache
+from fastlayer.registry.client import Registry
+from fastlayer.registry.reference import Reference, parse_reference
+
+ACCEPT = [MT_OCI_INDEX, MT_DOCKER_LIST, MT_OCI_MANIFEST, MT_DOCKER_MANIFEST]
+INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
+MAX_MANIFEST = 4 << 20  # the distribution spec's advice for manifests
+CHUNK = 1 << 20
+WORKERS = 4
+# Docker media types as their OCI twins: the same bytes, named the OCI way.
+TO_OCI = {
+    MT_DOCKER_LAYER: MT_OCI_LAYER,
+    MT_DOCKER_LAYER_GZIP: MT_OCI_LAYER_GZIP,
+    MT_DOCKER_CONFIG: MT_OCI_CONFIG,
+    MT_DOCKER_MANIFEST: MT_OCI_MANIFEST,
+}
+
+
+@dataclass
+class PullResult:
+    reference: Reference
+    digest: str  # of the top manifest (index or manifest): what to pin
+    manifest_digest: str  # the platform's manifest
+    config_digest: str
+    layers: list[Blob]
+    name: str  # RepoTags / ref.name written
+    tag: str
+
+
+def pull(
+    ref_text: str,
+    output: str,
+    *,
+    format: str = "docker-archive",
+    os_name: str = "linux",
+    arch: str | None = None,
+    variant: str | None = None,
+    final_name: str | None = None,
+    final_tag: str | None = None,
+    insecure: bool = False,
+    progress: bool = False,
+    workers: int = WORKERS,
+) -> PullResult:
+    if format not in ("docker-archive", "oci-dir"):
+        raise FastlayerError(f"unknown pull format {format!r}; use docker-archive or oci-dir")
+    ref = parse_reference(ref_text)
+    reg = Registry(ref.registry, ref.api_host, insecure, pool=workers + 2)
+    try:
+        top_raw, top_type = _manifest(reg, ref.repository, ref.reference, ref.digest, None)
+        top_digest = _sha(top_raw)
+        raw, mtype = top_raw, top_type
+        if mtype in INDEX_TYPES:
+            desc = _descriptor(ref, _platform(ref, _json(raw, ref), os_name, arch, variant))
+            raw, mtype = _manifest(reg, ref.repository, desc["digest"], desc["digest"], desc)
+        manifest = _json(raw, ref)
+        if mtype not in (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST) or "config" not in manifest:
+            raise FastlayerError(f"{ref}: unsupported manifest type {mtype or '(none)'}")
+        cdesc = _descriptor(ref, manifest["config"])
+        config_raw = _small_blob(reg, ref.repository, cdesc)
+        config = _json(config_raw, ref)
+        descs = [_descriptor(ref, d) for d in manifest.get("layers") or []]
+        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+        if len(descs) != len(diff_ids):
+            raise FastlayerError(
+                f"{ref}: manifest lists {len(descs)} layers, config {len(diff_ids)} diff_ids"
+            )
+        name = final_name or ref.name
+        tag = final_tag or ref.tag or "latest"
+        if format == "oci-dir" and os.path.exists(output) and not _empty_dir(output):
+            raise FastlayerError(f"{output} exists; pull into a new directory")
+        parent = os.path.dirname(os.path.abspath(output))
+        with tempfile.TemporaryDirectory(dir=parent, prefix=".fastlayer-pull-") as tmp:
+            blobs = os.path.join(tmp, "blobs", "sha256")
+            os.makedirs(blobs)
+            _download_all(reg, ref.repository, descs, blobs, progress, workers)
+            if format == "oci-dir":
+                _write_oci(tmp, output, raw, mtype, config_raw, cdesc, tag)
+            else:
+                _write_docker(output, blobs, descs, diff_ids, config, f"{name}:{tag}")
+        cache = BlobCache(ref.registry)
+        layers = []
+        for d, diff_id in zip(descs, diff_ids, strict=True):
+            blob = Blob(d["digest"], int(d["size"]), d.get("mediaType", ""))
+            cache.remember(ref.repository, blob, diff_id, kind_of(blob.media_type))
+            layers.append(blob)
+        cache.save()
+    finally:
+        reg.close()
+    return PullResult(ref, top_digest, _sha(raw), cdesc["digest"], layers, name, tag)
+
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _descriptor(ref: Reference, d: Any) -> dict:
+    """A descriptor we can fetch safely: a sha256 digest (it names a file) and a size."""
+    if (
+        not isinstance(d, dict)
+        or not _DIGEST.fullmatch(str(d.get("digest", "")))
+        or not isinstance(d.get("size"), int)
+        or d["size"] < 0
+    ):
+        raise FastlayerError(f"{ref}: unsupported or invalid descriptor {json.dumps(d)[:200]}")
+    return d
+
+
+def _empty_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.listdir(path)
+
+
+def kind_of(media_type: str) -> str:
+    """Compression of a layer media type: "gzip", "zstd" or "none"."""
+    if media_type.endswith(("gzip", "+gzip")):
+        return "gzip"
+    if media_type.endswith("+zstd"):
+        return "zstd"
+    return "none"
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _json(raw: bytes, ref: Reference) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise FastlayerError(f"{ref}: the registry served a document that is not JSON") from None
+
+
+def _manifest(
+    reg: Registry, repo: str, reference: str, digest: str | None, desc: dict | None
+) -> tuple[bytes, str]:
+    """A manifest's bytes and media type, checked against digest (and desc's size)."""
+    r = reg.get_manifest(repo, reference, ACCEPT)
+    try:
+        raw = r.raw.read(MAX_MANIFEST + 1, decode_content=True)
+    finally:
+        r.close()
+    if len(raw) > MAX_MANIFEST:
+        raise FastlayerError(f"{reg.registry}/{repo}: manifest {reference} is over 4 MiB")
+    got = _sha(raw)
+    if digest and got != digest:
+        raise DigestMismatch(f"{reg.registry}/{repo}: manifest {digest} hashes to {got}")
+    if desc is not None and int(desc.get("size", -1)) != len(raw):
+        raise DigestMismatch(f"{reg.registry}/{repo}: manifest {digest} has the wrong size")
+    mtype = r.headers.get("Content-Type", "").split(";")[0].strip()
+    if mtype not in ACCEPT:  # some registries send a generic type: trust the body's own
+        with contextlib.suppress(ValueError, AttributeError):
+            body = json.loads(raw)
+            mtype = body.get("mediaType") or (
+                MT_OCI_INDEX if "manifests" in body else MT_OCI_MANIFEST
+            )
+    return raw, mtype
+
+
+def _platform(ref: Reference, index: dict, os_name: str, arch: str | None, variant: str | None):
+    from fastlayer.sources.base_image import _host_arch
+
+    arch = arch or _host_arch()
+    found = []
+    for d in index.get("manifests") or []:
+        p = d.get("platform") or {}
+        found.append(
+            "/".join(x for x in (p.get("os"), p.get("architecture"), p.get("variant")) if x)
+        )
+        if p.get("os") == os_name and p.get("architecture") == arch:
+            if variant is None or p.get("variant") == variant:
+                return d
+    want = "/".join(x for x in (os_name, arch, variant) if x)
+    raise FastlayerError(f"{ref} has no {want} image; it has: {', '.join(found) or 'none'}")
+
+
+def _small_blob(reg: Registry, repo: str, desc: dict) -> bytes:
+    size = int(desc.get("size", -1))
+    if not 0 <= size <= MAX_MANIFEST:
+        raise FastlayerError(f"{reg.registry}/{repo}: config size {size} is out of bounds")
+    r = reg.get_blob(repo, desc["digest"])
+    try:
+        raw = r.raw.read(size + 1, decode_content=True)
+    finally:
+        r.close()
+    _check(reg, repo, desc, _sha(raw), len(raw))
+    return raw
+
+
+def _check(reg: Registry, repo: str, desc: dict, digest: str, size: int) -> None:
+    if digest != desc["digest"]:
+        raise DigestMismatch(
+            f"{reg.registry}/{repo}: blob {desc['digest']} served with digest {digest}"
+        )
+    if size != int(desc["size"]):
+        raise DigestMismatch(
+            f"{reg.registry}/{repo}: blob {desc['digest']} is {size} bytes, not {desc['size']}"
+        )
+
+
+def _download_all(
+    reg: Registry, repo: str, descs: list[dict], blobs: str, progress: bool, workers: int
+) -> None:
+    """Every layer blob into blobs/<hex>, in parallel; the first failure stops the rest."""
+    stop = threading.Event()
+    bar = _bar(sum(int(d.get("size", 0)) for d in descs)) if progress else None
+    update = bar.update if bar is not None else (lambda n: None)
+    unique = list({d["digest"]: d for d in descs}.values())
+    try:
+        with ThreadPoolExecutor(max(1, min(workers, len(unique))), "fastlayer-pull") as pool:
+            futures = [pool.submit(_download, reg, repo, d, blobs, stop, update) for d in unique]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                stop.set()
+                raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _download(
+    reg: Registry, repo: str, desc: dict, blobs: str, stop: threading.Event,
+    update: Callable[[int], object],
+) -> None:  # fmt: skip
+    path = os.path.join(blobs, desc["digest"].split(":", 1)[1])
+    limit = int(desc["size"])
+    h = hashlib.sha256()
+    size = 0
+    r = reg.get_blob(repo, desc["digest"])
+    try:
+        with open(path, "wb") as f:
+            while chunk := r.raw.read(CHUNK, decode_content=False):
+                if stop.is_set():
+                    return
+                size += len(chunk)
+                if size > limit:
+                    break  # more than promised: a mismatch, whatever follows
+                h.update(chunk)
+                f.write(chunk)
+                update(len(chunk))
+    except OSError as e:
+        if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
+            raise
+        raise FastlayerError(
+            f"registry {reg.registry}: download of {desc['digest']} broke off: {e}"
+        ) from None
+    finally:
+        r.close()
+    _check(reg, repo, desc, "sha256:" + h.hexdigest() if size <= limit else "(more bytes)", size)
+
+
+def _bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+        leave=False, dynamic_ncols=True, desc="pull",
+    )  # fmt: skip
+
+
+def _write_oci(
+    tmp: str, output: str, raw: bytes, mtype: str, config_raw: bytes, cdesc: dict, tag: str
+) -> None:
+    """The downloaded blobs plus manifest, config, index.json: renamed into place whole."""
+    blobs = os.path.join(tmp, "blobs", "sha256")
+    if mtype == MT_DOCKER_MANIFEST:
+        raw, mtype = oci_manifest(json.loads(raw)), MT_OCI_MANIFEST
+    for data in (raw, config_raw):
+        with open(os.path.join(blobs, hashlib.sha256(data).hexdigest()), "wb") as f:
+            f.write(data)
+    index = {
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": mtype,
+                "digest": _sha(raw),
+                "size": len(raw),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }
+        ],
+    }
+    with open(os.path.join(tmp, "index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    with open(os.path.join(tmp, "oci-layout"), "w") as f:
+        json.dump({"imageLayoutVersion": OCI_LAYOUT_VERSION}, f)
+    for dirpath, _, files in os.walk(tmp):
+        os.chmod(dirpath, 0o755)
+        for name in files:
+            os.chmod(os.path.join(dirpath, name), 0o644)
+    if _empty_dir(output):
+        os.rmdir(output)
+    elif os.path.exists(output):
+        raise FastlayerError(f"{output} exists; pull into a new directory")
+    out = output.rstrip("/")
+    os.rename(tmp, out)
+    os.mkdir(tmp)  # for TemporaryDirectory's cleanup
+
+
+def oci_manifest(docker: dict) -> bytes:
+    """The OCI manifest of a Docker schema 2 manifest: same descriptors, OCI media types."""
+
+    def desc(d: dict) -> dict:
+        out = {**d, "mediaType": TO_OCI.get(d.get("mediaType", ""), d.get("mediaType"))}
+        return {k: v for k, v in out.items() if v is not None}
+
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MT_OCI_MANIFEST,
+        "config": desc(docker["config"]),
+        "layers": [desc(x) for x in docker.get("layers") or []],
+    }
+    if docker.get("annotations"):
+        manifest["annotations"] = docker["annotations"]
+    return json.dumps(manifest, indent=2).encode()
+
+
+def _write_docker(
+    output: str, blobs: str, descs: list[dict], diff_ids: list[str], config: dict, ref: str
+) -> None:
+    """Each layer decompressed into the docker-archive sink, its diff_id verified."""
+    from fastlayer.emit import ReaderSource
+    from fastlayer.sinks.base import open_sink
+    from fastlayer.sources.base_image import decompressed
+
+    def opener(path: str):
+        return lambda: decompressed(open(path, "rb"))  # noqa: SIM115 (the reader closes it)
+
+    with open_sink(output, "docker-archive", "none") as sink:
+        for d, diff_id in zip(descs, diff_ids, strict=True):
+            path = os.path.join(blobs, d["digest"].split(":", 1)[1])
+            layer = Layer(diff_id, opener(path), None, comment=f"layer {d['digest']}")
+            sink.add_layer(ReaderSource(layer, verify=True), layer.comment)
+        sink.finish(config, [ref])

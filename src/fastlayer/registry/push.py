@@ -1,0 +1,541 @@
+"""`fastlayer push`: an image (built now, or on disk) into a registry, uploading only
+what the registry lacks.
+
+Each layer's tar is produced once, hashed as it goes (its diff_id), then a
+worker thread ships it while the next layer is produced:
+
+- the blob cache (cache.py) names a blob for that diff_id and the registry
+  still has it (HEAD), or another repository there has it and it mounts:
+  done, nothing compressed or sent;
+- else the compressed blob (deterministic gzip or zstd, sinks/compress.py:
+  the same tar always gives the same blob) is HEADed, mounted if another
+  repository holds it, and uploaded (POST + monolithic PUT) only if still
+  missing.
+
+When to compress: if the cache knows blobs of this repository (a re-push),
+the tar goes to a spool first, so a cache hit skips compression; on a first
+push (few hits expected) it is compressed as it is produced, which takes
+compression off the critical path of large layers. Either way no blob is
+uploaded that a HEAD finds. Base layers whose diff_id is known before
+reading (docker-archive, OCI layout) are looked up before being read at
+all; compressed blobs of an OCI layout are HEADed and sent as they are,
+never recompressed. Then the config, the manifest by digest, and the tag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import os
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from fastlayer.emit import ReaderSource
+from fastlayer.errors import FastlayerError
+from fastlayer.model import (
+    MT_OCI_CONFIG,
+    MT_OCI_LAYER,
+    MT_OCI_LAYER_GZIP,
+    MT_OCI_LAYER_ZSTD,
+    MT_OCI_MANIFEST,
+    LayerSource,
+    WrittenLayer,
+)
+from fastlayer.registry.cache import Blob, BlobCache
+from fastlayer.registry.client import Registry
+from fastlayer.registry.pull import TO_OCI, kind_of
+from fastlayer.registry.reference import Reference, parse_reference
+from fastlayer.sinks.base import ImageRecord, config_bytes
+from fastlayer.sinks.compress import compressor
+from fastlayer.sinks.spool import Spool
+
+LAYER_TYPES = {"none": MT_OCI_LAYER, "gzip": MT_OCI_LAYER_GZIP, "zstd": MT_OCI_LAYER_ZSTD}
+CHUNK = 1 << 20
+WORKERS = 3
+
+
+@dataclass
+class PushStats:
+    layers: int = 0
+    present: int = 0  # the registry had the blob (HEAD)
+    mounted: int = 0  # mounted from another repository
+    uploaded: int = 0  # blobs sent, config included
+    uploaded_bytes: int = 0
+    compressed: int = 0  # layers compressed here
+    unread: int = 0  # base layers never read (cache + HEAD)
+
+    def summary(self) -> str:
+        return (
+            f"{self.layers} layers: {self.present} present, {self.mounted} mounted, "
+            f"{self.compressed} compressed; {self.uploaded} blobs uploaded "
+            f"({self.uploaded_bytes / (1 << 20):.1f} MiB)"
+        )
+
+
+@dataclass
+class PushResult:
+    reference: Reference
+    tag: str
+    digest: str  # of the manifest
+    config_digest: str
+    layers: list[WrittenLayer]
+    stats: PushStats = field(default_factory=PushStats)
+
+
+class Body:
+    """A request body of known size, read in 1 MiB pieces, that can rewind (auth retry)."""
+
+    def __init__(self, open_: Callable[[], BinaryIO], size: int, update: Callable[[int], Any]):
+        self._open, self.size, self._update = open_, size, update
+        self._f: BinaryIO | None = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, n: int = -1) -> bytes:
+        if self._f is None:
+            self._f = self._open()
+        chunk = self._f.read(CHUNK)
+        self._update(len(chunk))
+        return chunk
+
+    def seek(self, pos: int, whence: int = 0) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _spool_reader(spool: Spool) -> Callable[[], BinaryIO]:
+    def open_() -> BinaryIO:
+        f = os.fdopen(os.dup(spool.fd), "rb", buffering=0)
+        f.seek(0)  # a dup shares the offset, which the writes left at the end
+        return f  # type: ignore[return-value]
+
+    return open_
+
+
+class RegistrySink:
+    """An image sink (sinks/base.py's protocol) that pushes to one repository.
+
+    add_layer returns at once after producing the layer; the digest and
+    blob_size of the returned WrittenLayer are filled in when its worker
+    ends, and finish() waits for every worker before the manifest."""
+
+    def __init__(
+        self, reg: Registry, repo: str, kind: str = "gzip", workers: int = WORKERS,
+        progress: bool = False,
+    ):  # fmt: skip
+        if kind not in LAYER_TYPES:
+            raise FastlayerError(f"unknown compression {kind!r}; use gzip, zstd or none")
+        self.reg, self.repo, self.kind = reg, repo, kind
+        self.cache = BlobCache(reg.registry)
+        self.stats = PushStats()
+        self.layers: list[WrittenLayer] = []
+        self._pool = ThreadPoolExecutor(workers, "fastlayer-push")
+        self._slots = threading.BoundedSemaphore(workers + 1)  # spools in flight
+        self._futures: list[Future] = []
+        self._lock = threading.Lock()
+        self._bar = _bar() if progress else None
+        # Compress as produced when the cache knows nothing of this repository (a first
+        # push: few hits expected); else spool first, so a cache hit skips compression.
+        self._fresh = not self.cache.knows_repo(repo)
+
+    # -- layers -----------------------------------------------------------------------
+
+    def add_layer(self, source: LayerSource, comment: str = "") -> WrittenLayer:
+        self._raise_failed()
+        self.stats.layers += 1
+        if isinstance(source, ReaderSource):  # diff_id known before reading
+            blob = self._reuse(source.layer.diff_id)
+            if blob is not None:
+                self._count(unread=1)
+                return self._written(source.layer.diff_id, source.size or 0, blob)
+        self._slots.acquire()
+        spool = Spool(source.size)
+        try:
+            if self._fresh and self.kind != "none":
+                # no blob of this repository is known: expect to upload, so compress
+                # while producing rather than after (HEAD still precedes any upload)
+                hashing = _HashingSpool(spool)
+                comp = compressor(self.kind, hashing)
+                size = 0
+
+                def write(view: memoryview) -> None:
+                    nonlocal size
+                    size += len(view)
+                    comp.write(view)
+
+                try:
+                    hexd = source.pump(write)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        comp.close()  # its threads must end; the first error is the one
+                    raise
+                comp.close()
+                self._count(compressed=1)
+                blob = Blob(hashing.digest(), spool.size, LAYER_TYPES[self.kind])
+                w = WrittenLayer(f"sha256:{hexd}", size, blob.digest, blob.size, blob.media_type)
+                task = functools.partial(self._ship_blob, spool, blob, w.diff_id)
+            else:
+                hexd = source.pump(spool.write)
+                w = WrittenLayer(f"sha256:{hexd}", spool.size, "", 0, LAYER_TYPES[self.kind])
+                task = functools.partial(self._ship_layer, spool, w)
+        except BaseException:
+            spool.close()
+            self._slots.release()
+            raise
+        self.layers.append(w)
+        self._futures.append(self._pool.submit(task))
+        return w
+
+    def _ship_blob(self, spool: Spool, blob: Blob, diff_id: str) -> None:
+        """A layer compressed as it was produced: HEAD, mount or upload."""
+        try:
+            self._ensure(blob, _spool_reader(spool))
+            self.cache.remember(self.repo, blob, diff_id, self.kind)
+        finally:
+            spool.close()
+            self._slots.release()
+
+    def add_blob(self, blob: Blob, diff_id: str, open_raw: Callable[[], BinaryIO]) -> WrittenLayer:
+        """A layer already compressed as blob (an OCI layout's): sent as it is, if missing."""
+        self._raise_failed()
+        self.stats.layers += 1
+        blob = Blob(blob.digest, blob.size, TO_OCI.get(blob.media_type, blob.media_type))
+        w = WrittenLayer(diff_id, 0, blob.digest, blob.size, blob.media_type)
+        self.layers.append(w)
+
+        def ship() -> None:
+            self._ensure(blob, open_raw)
+            self.cache.remember(self.repo, blob, diff_id, kind_of(blob.media_type))
+
+        self._futures.append(self._pool.submit(ship))
+        return w
+
+    def _written(self, diff_id: str, size: int, blob: Blob) -> WrittenLayer:
+        w = WrittenLayer(diff_id, size, blob.digest, blob.size, blob.media_type)
+        self.layers.append(w)
+        return w
+
+    def _reuse(self, diff_id: str) -> Blob | None:
+        """The cached blob of diff_id if this repository has it or can mount it."""
+        blob = self.cache.layer(diff_id, self.kind)
+        if blob is None:
+            return None
+        blob = Blob(blob.digest, blob.size, TO_OCI.get(blob.media_type, blob.media_type))
+        if self._present(blob) or self._mount(blob) == "":
+            self.cache.remember(self.repo, blob, diff_id, self.kind)
+            return blob
+        return None
+
+    def _ship_layer(self, spool: Spool, w: WrittenLayer) -> None:
+        compressed: Spool | None = None
+        try:
+            blob = self._reuse(w.diff_id)
+            if blob is None:
+                if self.kind == "none":
+                    blob, body = Blob(w.diff_id, spool.size, MT_OCI_LAYER), spool
+                else:
+                    compressed = Spool(spool.size)
+                    digest = _compress(spool, self.kind, compressed)
+                    spool.close()
+                    self._count(compressed=1)
+                    blob, body = Blob(digest, compressed.size, LAYER_TYPES[self.kind]), compressed
+                self._ensure(blob, _spool_reader(body))
+                self.cache.remember(self.repo, blob, w.diff_id, self.kind)
+            w.digest, w.blob_size, w.media_type = blob.digest, blob.size, blob.media_type
+        finally:
+            spool.close()
+            if compressed is not None:
+                compressed.close()
+            self._slots.release()
+
+    # -- blobs ------------------------------------------------------------------------
+
+    def _present(self, blob: Blob) -> bool:
+        if self.reg.blob_size(self.repo, blob.digest) == blob.size:
+            self._count(present=1)
+            return True
+        return False
+
+    def _mount(self, blob: Blob) -> str | None:
+        """Mount from a repository the cache names: "" when mounted, else the upload URL
+        the registry opened instead, or None when no repository was tried."""
+        location = None
+        for other in self.cache.repos_with(blob.digest):
+            if other == self.repo:
+                continue
+            location = self.reg.start_upload(self.repo, mount=blob.digest, source=other)
+            if location == "":
+                self._count(mounted=1)
+                return ""
+            break  # the registry opened an upload instead: use it
+        return location
+
+    def _ensure(self, blob: Blob, open_: Callable[[], BinaryIO]) -> None:
+        """The blob in the repository: already there, mounted, or uploaded."""
+        if self._present(blob):
+            return
+        location = self._mount(blob)
+        if location == "":
+            return
+        location = location or self.reg.start_upload(self.repo)
+        body = Body(open_, blob.size, self._progress)
+        try:
+            self.reg.finish_upload(self.repo, location, blob.digest, body, blob.size)  # type: ignore[arg-type]
+        finally:
+            body.close()
+        self._count(uploaded=1, uploaded_bytes=blob.size)
+
+    def _count(self, **kw: int) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self.stats, k, getattr(self.stats, k) + v)
+
+    def _progress(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def _raise_failed(self) -> None:
+        for f in self._futures:
+            if f.done() and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+
+    # -- the image --------------------------------------------------------------------
+
+    def finish(self, config: dict, repo_tags: list[str]) -> ImageRecord:
+        """Push config and manifest; repo_tags' first tag (or "latest") tags it."""
+        tag = repo_tags[0].rpartition(":")[2] if repo_tags else "latest"
+        return self.finish_raw(config_bytes(config), tag)
+
+    def finish_raw(self, config_raw: bytes, tag: str) -> ImageRecord:
+        for f in self._futures:
+            f.result()
+        self._pool.shutdown()
+        config_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
+        config = Blob(config_digest, len(config_raw), MT_OCI_CONFIG)
+        self._ensure(config, lambda: _BytesReader(config_raw))
+        self.cache.remember(self.repo, config)  # so another repository can mount it
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MT_OCI_MANIFEST,
+            "config": {
+                "mediaType": MT_OCI_CONFIG,
+                "digest": config_digest,
+                "size": len(config_raw),
+            },
+            "layers": [
+                {"mediaType": x.media_type, "digest": x.digest, "size": x.blob_size}
+                for x in self.layers
+            ],
+        }
+        raw = json.dumps(manifest, indent=2).encode()
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        self.reg.put_manifest(self.repo, digest, raw, MT_OCI_MANIFEST)
+        self.reg.put_manifest(self.repo, tag, raw, MT_OCI_MANIFEST)
+        self.cache.save()
+        self._close_bar()
+        return ImageRecord(config_digest, digest, list(self.layers))
+
+    def abort(self) -> None:
+        for f in self._futures:
+            f.cancel()
+        self._pool.shutdown(wait=True)
+        self.cache.save()  # what did get uploaded is worth remembering
+        self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class _HashingSpool:
+    """A compressor's target: bytes into a spool, hashed as they go."""
+
+    def __init__(self, spool: Spool):
+        self.spool = spool
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data)
+        self.sha256.update(view)
+        self.spool.write(view)
+        return len(view)
+
+    def digest(self) -> str:
+        return "sha256:" + self.sha256.hexdigest()
+
+
+class _BytesReader:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def read(self, n: int = -1) -> bytes:
+        data, self.data = self.data, b""
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+def _compress(spool: Spool, kind: str, out: Spool) -> str:
+    """Compress spool's bytes into out; returns "sha256:<hex>" of the compressed blob."""
+    target = _HashingSpool(out)
+    comp = compressor(kind, target)
+    offset = 0
+    while offset < spool.size:
+        chunk = os.pread(spool.fd, min(4 * CHUNK, spool.size - offset), offset)
+        if not chunk:
+            raise OSError("layer spool ended early")
+        comp.write(chunk)
+        offset += len(chunk)
+    comp.close()
+    return target.digest()
+
+
+def _bar():
+    from tqdm import tqdm
+
+    return tqdm(
+        unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False,
+        dynamic_ncols=True, desc="push",
+    )  # fmt: skip
+
+
+# -- what push drives -----------------------------------------------------------------
+
+
+def _registry(dest: Reference, insecure: bool, workers: int) -> Registry:
+    return Registry(dest.registry, dest.api_host, insecure, pool=workers + 2)
+
+
+def _run(dest: Reference, sink: RegistrySink, body: Callable[[], tuple[ImageRecord, str]]):
+    try:
+        record, tag = body()
+    except BaseException:
+        sink.abort()
+        raise
+    return PushResult(dest, tag, record.manifest_digest or "", record.config_digest,
+                      record.layers, sink.stats)  # fmt: skip
+
+
+def push_image(
+    path: str, dest_text: str, *, image_tag: str | None = None, compress: str = "gzip",
+    insecure: bool = False, workers: int = WORKERS, progress: bool = False,
+) -> PushResult:  # fmt: skip
+    """Push an image on disk (docker-archive, OCI layout or archive) as it is."""
+    from fastlayer.sources import base_image as bi
+
+    dest = parse_reference(dest_text)
+    if dest.digest:
+        raise FastlayerError(f"{dest_text}: push to a tag, not a digest")
+    if not os.path.exists(path):
+        raise FastlayerError(f"image to push does not exist: {path}")
+    image = bi.open_image(path, image_tag)
+    files = bi._Files(path)  # noqa: SLF001 (raw config bytes and blob descriptors)
+    reg = _registry(dest, insecure, workers)
+    sink = RegistrySink(reg, dest.repository, compress, workers, progress)
+
+    def body() -> tuple[ImageRecord, str]:
+        descs = _oci_layer_descs(files, image) if files.exists("oci-layout") else None
+        for i, layer in enumerate(image.layers):
+            d = descs[i] if descs else None
+            if d is not None and kind_of(d["mediaType"]) != "none":
+                blob = Blob(d["digest"], int(d["size"]), d["mediaType"])
+                name = "blobs/" + d["digest"].replace(":", "/")
+                sink.add_blob(blob, layer.diff_id, lambda name=name: files.open(name))
+            else:
+                sink.add_layer(ReaderSource(layer, verify=True), layer.comment)
+        tag = dest.tag or (image.repo_tags[0].rpartition(":")[2] if image.repo_tags else "latest")
+        raw = _config_raw(files, image)
+        return sink.finish_raw(raw, tag), tag
+
+    try:
+        return _run(dest, sink, body)
+    finally:
+        reg.close()
+
+
+def _oci_layer_descs(files: Any, image: Any) -> list[dict] | None:
+    """The layer descriptors of the OCI manifest open_image chose (found by its config)."""
+    index = files.json("index.json")
+    stack = list(index.get("manifests") or [])
+    while stack:
+        desc = stack.pop()
+        doc = files.json("blobs/" + desc["digest"].replace(":", "/"))
+        if "manifests" in doc:
+            stack.extend(doc["manifests"])
+            continue
+        layers = doc.get("layers") or []
+        diff_ids = [x["digest"] for x in layers]
+        cfg = files.json("blobs/" + doc["config"]["digest"].replace(":", "/"))
+        if (cfg.get("rootfs") or {}).get("diff_ids") == image.diff_ids and len(diff_ids) == len(
+            image.layers
+        ):
+            return layers
+    return None
+
+
+def _config_raw(files: Any, image: Any) -> bytes:
+    """The image's config as stored (so its id is kept), or as fastlayer writes it."""
+    if files.exists("manifest.json"):
+        for entry in files.json("manifest.json"):
+            with files.open(entry["Config"]) as f:
+                raw = f.read()
+            if json.loads(raw) == image.config:
+                return raw
+    if files.exists("oci-layout"):
+        for name in _oci_config_names(files):
+            with files.open(name) as f:
+                raw = f.read()
+            if json.loads(raw) == image.config:
+                return raw
+    return config_bytes(image.config)
+
+
+def _oci_config_names(files: Any) -> list[str]:
+    names = []
+    stack = list(files.json("index.json").get("manifests") or [])
+    while stack:
+        doc = files.json("blobs/" + stack.pop()["digest"].replace(":", "/"))
+        stack.extend(doc.get("manifests") or [])
+        if "config" in doc:
+            names.append("blobs/" + doc["config"]["digest"].replace(":", "/"))
+    return names
+
+
+def push_spec(
+    spec: Any, dest_text: str, *, compress: str | None = None, insecure: bool = False,
+    workers: int = WORKERS, progress: bool = False,
+) -> PushResult:  # fmt: skip
+    """Build spec's image straight into the registry (the builder, with our sink)."""
+    from fastlayer.builder import build_into
+    from fastlayer.spec import load_spec
+
+    dest = parse_reference(dest_text)
+    if dest.digest:
+        raise FastlayerError(f"{dest_text}: push to a tag, not a digest")
+    spec = load_spec(spec)
+    kind = compress or (spec.compression if spec.compression != "none" else "gzip")
+    reg = _registry(dest, insecure, workers)
+    sink = RegistrySink(reg, dest.repository, kind, workers, progress)
+
+    def body() -> tuple[ImageRecord, str]:
+        built = build_into(spec, lambda _mtime: contextlib.nullcontext(sink), name=dest.name,
+                           tag=dest.tag)  # fmt: skip
+        return built.record, built.tag
+
+    try:
+        return _run(dest, sink, body)
+    finally:
+        reg.close()
