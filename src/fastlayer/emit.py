@@ -110,6 +110,18 @@ def walk(
 
 
 _STOP = None
+# Buffers outlive a layer: fresh ones would cost a page fault per 4 KiB each time.
+_POOL: list[bytearray] = []
+
+
+def _take_buffers() -> list[bytearray]:
+    taken = []
+    while len(taken) < NBUF:
+        try:
+            taken.append(_POOL.pop())
+        except IndexError:
+            taken.append(bytearray(BUFSIZE))
+    return taken
 
 
 def pump(stream: LayerStream, write: Callable[[memoryview], object]) -> str:
@@ -117,11 +129,12 @@ def pump(stream: LayerStream, write: Callable[[memoryview], object]) -> str:
 
     Raises FastlayerError if a source file fails or changes; write() errors
     propagate as they are."""
-    free: queue.Queue = queue.Queue()
-    to_hash: queue.Queue = queue.Queue()
-    to_write: queue.Queue = queue.Queue()
-    for _ in range(NBUF):
-        free.put(bytearray(BUFSIZE))
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    to_hash: queue.SimpleQueue = queue.SimpleQueue()
+    to_write: queue.SimpleQueue = queue.SimpleQueue()
+    bufs = _take_buffers()
+    for buf in bufs:
+        free.put(buf)
     digest = hashlib.sha256()
     failure: list[BaseException] = []
 
@@ -166,6 +179,7 @@ def pump(stream: LayerStream, write: Callable[[memoryview], object]) -> str:
         free.put(_STOP)
         for t in threads:
             t.join()
+        _POOL.extend(bufs)
     if failure:
         e = failure[0]
         if isinstance(e, LayerSourceError):

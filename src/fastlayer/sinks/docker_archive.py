@@ -19,7 +19,7 @@ from typing import BinaryIO
 from fastlayer._native.tarstream import LayerStream, pack_header
 from fastlayer.emit import StreamSource
 from fastlayer.model import LayerSource
-from fastlayer.sinks.spool import OrderedWriter, Spool
+from fastlayer.sinks.spool import OrderedWriter, Spool, SpoolPool
 
 BLOCK = 512
 RECORD = 10240
@@ -43,6 +43,7 @@ class DockerArchiveWriter:
         self.base = os.lseek(fd, 0, os.SEEK_CUR) if self.seekable else 0
         self.spool_dir = spool_dir
         self._ordered = None if self.seekable else OrderedWriter(fd)
+        self._spools = SpoolPool(spool_dir)
 
     def write(self, data: bytes | memoryview) -> None:
         if self._ordered is not None:
@@ -114,7 +115,7 @@ class DockerArchiveWriter:
                 )
             os.pwrite(self.fd, header, self.base + start)
             return digest, size
-        spool = Spool(size, self.spool_dir)
+        spool = self._spools.get(size)
         try:
             digest = source.pump(spool.write)
         except BaseException:
@@ -146,11 +147,13 @@ class DockerArchiveWriter:
         self.write(b"\0" * (2 * BLOCK + (-end % RECORD)))
         if self._ordered is not None:
             self._ordered.close()
+        self._spools.clear()
 
     def abort(self) -> None:
         """Stop the writer thread after a failure; the archive stays incomplete."""
         if self._ordered is not None:
             self._ordered.abort()
+        self._spools.clear()
 
     def add_spool(self, name: str, spool: Spool, mtime: int) -> None:
         """A regular file (0644, root) whose bytes wait in spool; the spool is consumed."""

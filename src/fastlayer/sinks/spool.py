@@ -43,8 +43,10 @@ class Spool:
     def __init__(self, size: int | None, spool_dir: str | None = None):
         """size: the bytes to come; None when unknown, which spools to disk."""
         self.written = 0
+        self.pool: SpoolPool | None = None
         small = size is not None and size < _memory_cap()
-        if hasattr(os, "memfd_create") and small:
+        self.in_memory = hasattr(os, "memfd_create") and small
+        if self.in_memory:
             self.fd = os.memfd_create("fastlayer-spool", os.MFD_CLOEXEC)
         else:
             self.fd, name = tempfile.mkstemp(dir=spool_dir, prefix="fastlayer-spool-")
@@ -87,9 +89,54 @@ class Spool:
             offset += len(chunk)
 
     def close(self) -> None:
-        if self.fd >= 0:
+        """Done with the bytes: back to the pool it came from, else closed."""
+        if self.pool is not None:
+            self.pool.give(self)
+        elif self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class SpoolPool:
+    """In-memory spools kept for the next layers of one archive.
+
+    Writing over pages a memfd already holds costs a copy; fresh pages also
+    cost allocating and zeroing them, two to three times as much here. At
+    most `keep` spools wait in the pool (one being filled, one copied out)."""
+
+    def __init__(self, spool_dir: str | None = None, keep: int = 2):
+        self.spool_dir = spool_dir
+        self.keep = keep
+        self._free: list[Spool] = []
+        self._lock = threading.Lock()
+
+    def get(self, size: int | None) -> Spool:
+        if size is not None and size < _memory_cap():
+            with self._lock:
+                if self._free:
+                    spool = self._free.pop()
+                    os.lseek(spool.fd, 0, os.SEEK_SET)
+                    spool.written = 0
+                    return spool
+        spool = Spool(size, self.spool_dir)
+        if spool.in_memory:
+            spool.pool = self
+        return spool
+
+    def give(self, spool: Spool) -> None:
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(spool)
+                return
+        spool.pool = None
+        spool.close()
+
+    def clear(self) -> None:
+        with self._lock:
+            spools, self._free = self._free, []
+        for spool in spools:
+            spool.pool = None
+            spool.close()
 
 
 class OrderedWriter:
