@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastlayer.emit import Owner, ReaderSource, StreamSource, store_layer, walk_ahead
+from fastlayer.emit import Owner, Pipeline, ReaderSource, StreamSource, store_layer
 from fastlayer.errors import FastlayerError
 from fastlayer.model import Image, LayerSource
 from fastlayer.nixconf import merge_env
@@ -253,8 +253,9 @@ def _sources(
     makers = [
         functools.partial(store_layer, paths, owner, spec.store_root) for paths in store_paths
     ]
-    for paths, walked in zip(store_paths, walk_ahead(makers), strict=True):
-        yield StreamSource(walked), paths, f"store paths: {paths}"
+    with Pipeline(makers) as pipeline:
+        for paths, source in zip(store_paths, pipeline.sources(), strict=True):
+            yield source, paths, f"store paths: {paths}"
     yield StreamSource(custom), [], "customisation layer"
 
 

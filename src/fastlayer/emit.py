@@ -18,10 +18,10 @@ from pathlib import PurePosixPath
 
 from fastlayer._native.tarstream import LayerSourceError, LayerStream
 from fastlayer.errors import DigestMismatch, FastlayerError
-from fastlayer.model import Layer
+from fastlayer.model import Layer, LayerSource
 
-BUFSIZE = 1 << 20
-NBUF = 8
+BUFSIZE = 1 << 19
+NBUF = 16
 
 # nixpkgs starts every store layer with these two directories, mode 0755.
 NIX_LEAD_DIRS = [(b"/nix", 0o755), (b"/nix/store", 0o755)]
@@ -188,6 +188,127 @@ def pump(stream: LayerStream, write: Callable[[memoryview], object]) -> str:
     if written != stream.size:  # the walk promised this size in the header
         raise FastlayerError(f"layer size {written} differs from the planned {stream.size}")
     return digest.hexdigest()
+
+
+_ERROR = "error"
+
+
+class Pipeline:
+    """Several layers through one read | hash | write pipeline, without bubbles.
+
+    pump() drains at each layer's end: the reader idles while the last
+    buffers are hashed and written, the hasher while the first are read.
+    Here one reader thread walks (one layer ahead) and fills layer after
+    layer as long as buffers are free, and one hasher keeps a digest per
+    layer, so with many small layers both cores stay busy. The consumer
+    takes sources() in order and pumps each completely before the next.
+    """
+
+    def __init__(self, makers: Sequence[Callable[[], LayerStream]]):
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._to_hash: queue.SimpleQueue = queue.SimpleQueue()
+        self._to_write: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: queue.SimpleQueue = queue.SimpleQueue()
+        self._bufs = _take_buffers()
+        for buf in self._bufs:
+            self._free.put(buf)
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._read, args=(makers,), daemon=True),
+            threading.Thread(target=self._hash, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _read(self, makers: Sequence[Callable[[], LayerStream]]) -> None:
+        try:
+            for stream in walk_ahead(makers):
+                self._streams.put(stream)
+                while True:
+                    buf = self._free.get()
+                    if buf is _STOP:
+                        return
+                    n = stream.fill(buf)
+                    self._to_hash.put((buf, n))
+                    if n == 0:
+                        break
+            self._streams.put(_STOP)
+        except BaseException as e:  # handed to the consumer, in order
+            self._streams.put(e)
+            self._to_hash.put((_ERROR, e))
+        finally:
+            self._to_hash.put((_STOP, 0))
+
+    def _hash(self) -> None:
+        digest = hashlib.sha256()
+        while True:
+            buf, n = self._to_hash.get()
+            if buf is _STOP:
+                return
+            if buf is _ERROR:
+                self._to_write.put((_ERROR, n, None))
+            elif n:
+                digest.update(memoryview(buf)[:n])
+                self._to_write.put((buf, n, None))
+            else:  # the layer's end
+                self._to_write.put((buf, 0, digest.hexdigest()))
+                digest = hashlib.sha256()
+
+    def sources(self) -> Iterator[LayerSource]:
+        """One LayerSource per layer, in order; pump each before taking the next."""
+        while True:
+            item = self._streams.get()
+            if item is _STOP:
+                return
+            if isinstance(item, BaseException):
+                raise _user_error(item)
+            yield _PipedSource(self, item)
+
+    def _drain(self, stream: LayerStream, write: Callable[[memoryview], object]) -> str:
+        written = 0
+        while True:
+            buf, n, digest = self._to_write.get()
+            if buf is _ERROR:
+                raise _user_error(n)
+            if n == 0:
+                self._free.put(buf)
+                break
+            write(memoryview(buf)[:n])
+            written += n
+            self._free.put(buf)
+        if written != stream.size:  # the walk promised this size in the header
+            raise FastlayerError(f"layer size {written} differs from the planned {stream.size}")
+        return digest
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for _ in range(2):  # the reader may wait for a buffer, twice at most
+            self._free.put(_STOP)
+        for t in self._threads:
+            t.join()
+        _POOL.extend(self._bufs)
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _PipedSource:
+    def __init__(self, pipeline: Pipeline, stream: LayerStream):
+        self.pipeline = pipeline
+        self.stream = stream
+        self.size: int | None = stream.size
+
+    def pump(self, write: Callable[[memoryview], object]) -> str:
+        return self.pipeline._drain(self.stream, write)
+
+
+def _user_error(e: BaseException) -> BaseException:
+    return FastlayerError(str(e)) if isinstance(e, LayerSourceError) else e
 
 
 class StreamSource:

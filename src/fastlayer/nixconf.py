@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from fastlayer.emit import Owner, ReaderSource, store_layer, walk_ahead
+from fastlayer.emit import Owner, Pipeline, ReaderSource, store_layer
 from fastlayer.errors import FastlayerError
 from fastlayer.model import Image
 from fastlayer.sinks.docker_archive import DockerArchiveWriter
@@ -191,14 +191,15 @@ def _write_image(
     makers = [
         functools.partial(store_layer, paths, conf.owner, root) for paths in conf.store_layers
     ]
-    streams = walk_ahead(makers)
-    for n, (paths, stream) in enumerate(
-        zip(conf.store_layers, streams, strict=True), start=len(layers) + 1
-    ):
-        if log:
-            log(f"layer {n}: {len(paths)} store path(s), {stream.size} bytes")
-        digest = out.add_layer(stream, mtime)
-        layers.append(_Layer(digest, f"{digest}/layer.tar", paths))
+    with Pipeline(makers) as pipeline:
+        sources = pipeline.sources()
+        for n, (paths, source) in enumerate(
+            zip(conf.store_layers, sources, strict=True), start=len(layers) + 1
+        ):
+            if log:
+                log(f"layer {n}: {len(paths)} store path(s), {source.size} bytes")
+            digest = out.add_layer(source, mtime)
+            layers.append(_Layer(digest, f"{digest}/layer.tar", paths))
     path = f"{custom_checksum}/layer.tar"
     out.add_file(path, _on_disk(os.path.join(conf.customisation_layer, "layer.tar"), root), mtime)
     layers.append(_Layer(custom_checksum, path, [conf.customisation_layer]))
