@@ -221,3 +221,22 @@ def test_disk_spool_gives_the_same_bytes(tmp_path, conf):
     assert r.returncode == 0, r.stderr
     assert r.stdout == reference_image(copy.deepcopy(conf))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("fastlayer-spool")]
+
+
+def test_many_layers_through_a_slow_pipe(tmp_path):
+    """Spools copied into a pipe by sendfile share pages with it: reusing one
+    too early would change bytes the reader has not taken yet."""
+    store = tmp_path / "nix" / "store"
+    paths = []
+    for i in range(24):
+        p = store / f"{i:02d}a2k8c1n7dq5h0d8z2b4l6c1w3x4y5-p{i}"
+        p.mkdir(parents=True)
+        (p / "data").write_bytes(bytes([i]) * (300_000 + 4096 * i))
+        paths.append(str(p))
+    conf = make_store(tmp_path)
+    conf["store_layers"] = [[p] for p in paths]
+    path = write_conf(tmp_path, conf)
+    script = f"{sys.executable} -m fastlayer stream-nix {path} | (sleep 1; cat)"
+    r = subprocess.run(["/bin/sh", "-c", script], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == reference_image(copy.deepcopy(conf))

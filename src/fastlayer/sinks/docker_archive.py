@@ -43,7 +43,11 @@ class DockerArchiveWriter:
         self.base = os.lseek(fd, 0, os.SEEK_CUR) if self.seekable else 0
         self.spool_dir = spool_dir
         self._ordered = None if self.seekable else OrderedWriter(fd)
-        self._spools = SpoolPool(spool_dir)
+        # sendfile into a pipe passes page references, not copies: a spool's pages
+        # may still sit in the pipe after it returns, so spools are never reused there
+        mode = os.fstat(fd).st_mode
+        reuse = not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode))
+        self._spools = SpoolPool(spool_dir, keep=2 if reuse else 0)
 
     def write(self, data: bytes | memoryview) -> None:
         if self._ordered is not None:
