@@ -12,7 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define PATHBUF 16384
+#define PATHBUF FL_PATH_MAX
 
 void fl_walk_init(fl_walk *w)
 {
@@ -24,6 +24,7 @@ void fl_walk_free(fl_walk *w)
 {
     free(w->blob);
     free(w->ents);
+    free(w->roots);
     memset(w, 0, sizeof *w);
 }
 
@@ -67,17 +68,54 @@ static fl_entry *new_entry(fl_walk *w)
     return e;
 }
 
+static int new_root(fl_walk *w, const char *fs, size_t fs_len, const char *arc, size_t arc_len)
+{
+    if (w->nroots == w->roots_cap) {
+        size_t cap = w->roots_cap ? w->roots_cap * 2 : 16;
+        fl_root *r = realloc(w->roots, cap * sizeof *r);
+        if (!r) return fail(w, "out of memory at", "walk", ENOMEM);
+        w->roots = r;
+        w->roots_cap = cap;
+    }
+    fl_root *r = &w->roots[w->nroots];
+    if (blob_put(w, fs, fs_len, &r->fs_off) || blob_put(w, arc, arc_len, &r->arc_off)) return -1;
+    r->fs_len = (uint32_t)fs_len;
+    r->arc_len = (uint32_t)arc_len;
+    w->nroots++;
+    return 0;
+}
+
+static size_t join(const char *a, size_t alen, const char *b, size_t blen, char *buf)
+{
+    if (alen + blen + 1 > FL_PATH_MAX) blen = FL_PATH_MAX - 1 - alen; /* walk forbids it */
+    memcpy(buf, a, alen);
+    memcpy(buf + alen, b, blen);
+    buf[alen + blen] = 0;
+    return alen + blen;
+}
+
+size_t fl_entry_fs(const fl_walk *w, const fl_entry *e, char *buf)
+{
+    const fl_root *r = &w->roots[e->root];
+    return join(w->blob + r->fs_off, r->fs_len, w->blob + e->rel_off, e->rel_len, buf);
+}
+
+size_t fl_entry_arc(const fl_walk *w, const fl_entry *e, char *buf)
+{
+    const fl_root *r = &w->roots[e->root];
+    return join(w->blob + r->arc_off, r->arc_len, w->blob + e->rel_off, e->rel_len, buf);
+}
+
 int fl_walk_add_dir(fl_walk *w, const char *arc, size_t arc_len, uint32_t mode)
 {
+    if (new_root(w, "", 0, arc, arc_len)) return -1;
     fl_entry *e = new_entry(w);
     if (!e) return -1;
     e->type = '5';
     e->mode = S_IFDIR | (mode & 07777);
-    e->arc_len = (uint32_t)arc_len;
-    e->fs_len = 0;
-    if (blob_put(w, arc, arc_len, &e->arc_off)) return -1;
-    e->fs_off = e->arc_off;
-    return 0;
+    e->root = (uint32_t)(w->nroots - 1);
+    e->rel_len = 0;
+    return blob_put(w, "", 0, &e->rel_off);
 }
 
 static const char *type_name(mode_t m)
@@ -118,10 +156,13 @@ static int add_entry(fl_walk *w, const struct stat *st, int dirfd, const char *n
     e->dev = (uint64_t)st->st_dev;
     e->ino = (uint64_t)st->st_ino;
     e->mtime_ns = (int64_t)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec;
-    e->fs_len = (uint32_t)fs_len;
-    e->arc_len = (uint32_t)arc_len;
-    if (blob_put(w, fs, fs_len, &e->fs_off)) return -1;
-    if (blob_put(w, arc, arc_len, &e->arc_off)) return -1;
+    /* the suffix below the current root: the same in fs and arc */
+    size_t root_len = w->roots[w->nroots - 1].fs_len;
+    (void)arc;
+    (void)arc_len;
+    e->root = (uint32_t)(w->nroots - 1);
+    e->rel_len = (uint32_t)(fs_len - root_len);
+    if (blob_put(w, fs + root_len, fs_len - root_len, &e->rel_off)) return -1;
     if (type == '2') {
         char target[PATH_MAX + 1];
         ssize_t n = readlinkat(dirfd, name, target, sizeof target - 1);
@@ -253,6 +294,7 @@ int fl_walk_root(fl_walk *w, const char *fs_in, size_t fs_len, const char *arc_i
         fail(w, "cannot stat", fs, errno);
         goto out;
     }
+    if (new_root(w, fs, fs_len, arc, arc_len)) goto out;
     rc = add_entry(w, &st, AT_FDCWD, fs, fs, fs_len, arc, arc_len);
     if (rc == 0 && S_ISDIR(st.st_mode)) rc = walk_dir(w, fs, fs_len, arc, arc_len);
 out:

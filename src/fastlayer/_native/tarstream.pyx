@@ -42,9 +42,10 @@ cdef extern from "tarhdr.h" nogil:
     int fl_pystr_cmp(const unsigned char *a, size_t alen, const unsigned char *b, size_t blen)
 
 cdef extern from "walk.h" nogil:
+    enum: FL_PATH_MAX
     ctypedef struct fl_entry:
-        uint64_t fs_off, arc_off, link_off
-        uint32_t fs_len, arc_len, link_len
+        uint64_t rel_off, link_off
+        uint32_t root, rel_len, link_len
         uint32_t mode
         uint64_t size
         uint64_t dev, ino
@@ -59,6 +60,8 @@ cdef extern from "walk.h" nogil:
     void fl_walk_free(fl_walk *w)
     int fl_walk_add_dir(fl_walk *w, const char *arc, size_t arc_len, uint32_t mode)
     int fl_walk_root(fl_walk *w, const char *fs, size_t fs_len, const char *arc, size_t arc_len)
+    size_t fl_entry_fs(const fl_walk *w, const fl_entry *e, char *buf)
+    size_t fl_entry_arc(const fl_walk *w, const fl_entry *e, char *buf)
 
 
 class LayerSourceError(OSError):
@@ -129,7 +132,9 @@ cdef class LayerStream:
     cdef uint64_t left
     cdef unsigned char *hdr
     cdef size_t hdr_len, hdr_pos
-    cdef char msg[8400]
+    cdef char msg[FL_PATH_MAX + 512]
+    cdef char fsbuf[FL_PATH_MAX]    # an entry's path on disk, assembled when needed
+    cdef char arcbuf[FL_PATH_MAX]   # an entry's archive name, likewise
     cdef int *rule_of          # per entry: index of the permission rule, or -1
     cdef int64_t *rules_c      # per rule: uid, gid, mode (-1 = keep)
     cdef list _rules
@@ -221,8 +226,8 @@ cdef class LayerStream:
             self.rule_of[k] = -1
         for r, (pat, _, _, _) in enumerate(self._rules):
             for k in range(self.w.n):
-                name = self.w.blob + self.w.ents[k].arc_off
-                if fnmatch(pat, name, 0) == 0:
+                fl_entry_arc(&self.w, &self.w.ents[k], self.arcbuf)
+                if fnmatch(pat, self.arcbuf, 0) == 0:
                     self.rule_of[k] = <int>r
         free(self.rules_c)
         self.rules_c = <int64_t *>malloc(max(len(self._rules), 1) * 3 * sizeof(int64_t))
@@ -242,7 +247,8 @@ cdef class LayerStream:
         return [self._arc(&self.w.ents[k]) for k in range(self.w.n)]
 
     cdef bytes _arc(self, fl_entry *e):
-        return self.w.blob[e.arc_off:e.arc_off + e.arc_len]
+        cdef size_t n = fl_entry_arc(&self.w, e, self.arcbuf)
+        return self.arcbuf[:n]
 
     cdef size_t _header(self, fl_entry *e, size_t k) noexcept nogil:
         # link_off is 0 for non-symlinks; link_len 0 makes the link name empty
@@ -258,20 +264,24 @@ cdef class LayerStream:
                 own.gid = self.rules_c[3 * r + 1]
             if self.rules_c[3 * r + 2] >= 0:
                 mode = (mode & ~0o7777) | (self.rules_c[3 * r + 2] & 0o7777)
-        return fl_tar_header(self.hdr, self.w.blob + e.arc_off, e.arc_len, link, link_len,
+        cdef size_t arc_len = fl_entry_arc(&self.w, e, self.arcbuf)
+        return fl_tar_header(self.hdr, self.arcbuf, arc_len, link, link_len,
                              e.type, mode, e.size, &own)
 
     cdef int _fail(self, const char *what, fl_entry *e, int err) noexcept nogil:
         if err:
-            snprintf(self.msg, sizeof(self.msg), "%s %s: %s", what, self.w.blob + e.fs_off,
+            fl_entry_fs(&self.w, e, self.fsbuf)
+            snprintf(self.msg, sizeof(self.msg), "%s %s: %s", what, self.fsbuf,
                      strerror(err))
         else:
-            snprintf(self.msg, sizeof(self.msg), "%s %s", what, self.w.blob + e.fs_off)
+            fl_entry_fs(&self.w, e, self.fsbuf)
+            snprintf(self.msg, sizeof(self.msg), "%s %s", what, self.fsbuf)
         return -1
 
     cdef int _open(self, fl_entry *e) noexcept nogil:
         cdef struct_stat st
-        self.fd = c_open(self.w.blob + e.fs_off, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
+        fl_entry_fs(&self.w, e, self.fsbuf)
+        self.fd = c_open(self.fsbuf, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
         if self.fd < 0:
             return self._fail("cannot open", e, errno)
         if fstat(self.fd, &st) != 0:
