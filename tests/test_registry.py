@@ -27,7 +27,8 @@ from fastlayer.registry.pull import pull
 from fastlayer.registry.push import push_image, push_spec
 
 pytestmark = pytest.mark.validators
-SRC = str(Path(__file__).resolve().parent.parent / "src")
+# where the fastlayer under test lives (site-packages once installed, src/ in a dev tree)
+SRC = str(Path(fastlayer.__file__).resolve().parent.parent)
 ZERO = "sha256:" + "0" * 64
 
 

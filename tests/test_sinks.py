@@ -20,6 +20,7 @@ import pytest
 import validators
 import zstandard
 
+import fastlayer
 from fastlayer.emit import Owner, StreamSource, store_layer
 from fastlayer.errors import FastlayerError
 from fastlayer.sinks.base import open_sink, split_ref
@@ -325,8 +326,9 @@ def test_pipe_output_matches_file_output(store, tmp_path):
     """docker-archive to a pipe (spooled) is byte-identical to a file (written back)."""
     root, paths = store
     here = Path(__file__).parent
+    package_root = str(Path(fastlayer.__file__).parent.parent)  # installed or src/
     code = (
-        f"import sys; sys.path[:0] = [{str(here.parent / 'src')!r}, {str(here)!r}]\n"
+        f"import sys; sys.path[:0] = [{package_root!r}, {str(here)!r}]\n"
         f"import test_sinks as t; t.write_image((t.Path({str(root)!r}), {paths!r}), '-')\n"
     )
     piped = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
