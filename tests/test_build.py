@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pty
 import subprocess
 import sys
 import tarfile
@@ -283,3 +285,48 @@ Cmd = ["/bin/sh"]
         [sys.executable, "-m", "fastlayer", "stream", "app.toml"], cwd=tmp_path, capture_output=True
     )
     assert s.returncode == 0 and s.stdout == (tmp_path / "app.tar").read_bytes()
+
+
+def test_bare_files_land_at_root(tmp_path):
+    tool = tmp_path / "tool"
+    tool.write_text("#!/bin/sh\necho tool\n")
+    tool.chmod(0o755)
+    link = tmp_path / "alias"
+    link.symlink_to("tool")
+    out = tmp_path / "files.tar"
+    fastlayer.build({"name": "files", "contents": {"files": [str(tool), str(link)]}}, str(out))
+    _, _, layers = read_image(out)
+    member = layers[-1].getmember("/tool")
+    assert member.isreg() and member.mode == 0o755
+    assert layers[-1].extractfile("/tool").read() == b"#!/bin/sh\necho tool\n"
+    assert layers[-1].getmember("/alias").linkname == "tool"
+
+
+def test_progress_display_on_a_terminal(tmp_path, closure):
+    """A terminal gets a progress bar (layer k of n, bytes, rate); a pipe gets nothing."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(spec_for(tmp_path, closure)))
+    env = {**os.environ, "PYTHONPATH": str(Path(fastlayer.__file__).parent.parent)}
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastlayer", "build", str(spec), "-o", str(tmp_path / "t.tar")],
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        env=env,
+    )
+    os.close(slave)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the terminal's other side closed
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    text = screen.decode(errors="replace")
+    assert "layer 1/3" in text and "layer 3/3" in text and "B/s" in text, text
+    quiet = run_cli("build", str(spec), "-o", str(tmp_path / "pipe.tar"))
+    assert quiet.returncode == 0 and quiet.stderr == ""

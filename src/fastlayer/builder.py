@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -137,6 +138,10 @@ class _Progress:
         if enabled:
             from tqdm import tqdm
 
+            try:  # a terminal that reports no size (a bare pty) gets 80x24
+                width = os.get_terminal_size(sys.stderr.fileno()).columns
+            except OSError:
+                width = 0
             self.bar = tqdm(
                 total=total or None,
                 unit="B",
@@ -144,7 +149,9 @@ class _Progress:
                 unit_divisor=1024,
                 file=sys.stderr,
                 leave=False,
-                dynamic_ncols=True,
+                dynamic_ncols=bool(width),
+                ncols=None if width else 80,
+                nrows=None if width else 24,  # tqdm hides bars below a 0-row screen
             )
 
     def wrap(self, source: LayerSource, k: int) -> LayerSource:
