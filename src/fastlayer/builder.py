@@ -115,12 +115,15 @@ def closure_rows(graph: Any, roots: list[str]) -> Any:
 
 def plan_store_layers(spec: Spec, base_layers: int) -> Any:
     """The store layers' plan, or None when the image holds no store paths."""
-    from fastlayer.graph import load_graph
-    from fastlayer.plan import make_plan, read_plan, store_layer_budget
+    from fastlayer.plan.limit import store_layer_budget
 
     budget = store_layer_budget(spec.max_layers, base_layers)
     if not spec.include_store_paths or not spec.contents.graph:
         return None
+    # numpy and the planners load only for images with store paths
+    from fastlayer.graph import load_graph
+    from fastlayer.plan import make_plan, read_plan
+
     graph = load_graph(spec.contents.graph, store_dir=spec.store_dir)
     rows = closure_rows(graph, spec.contents.store_paths)
     if len(rows) < graph.n:

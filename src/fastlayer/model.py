@@ -34,6 +34,9 @@ class Layer:
     open: Callable[[], BinaryIO]  # a fresh reader of the uncompressed bytes
     size: int | None = None  # uncompressed size, when known without reading
     comment: str = ""  # what is in it, for history and inspect
+    # (file, offset): where the uncompressed bytes lie as they are, so a sink
+    # may have the kernel copy them (copy_file_range) instead of reading them
+    region: tuple[str, int] | None = None
 
 
 @dataclass

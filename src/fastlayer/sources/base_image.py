@@ -81,18 +81,25 @@ class _Files:
     def opener(self, name: str) -> Callable[[], BinaryIO]:
         return lambda: decompressed(self.open(name))
 
-    def plain_size(self, name: str) -> int | None:
-        """The byte size of a blob stored uncompressed, else None (known only once read)."""
+    def layer(self, name: str, diff_id: str, comment: str) -> Layer:
+        size, region = self.plain(name)
+        return Layer(diff_id, self.opener(name), size, comment, region)
+
+    def plain(self, name: str) -> tuple[int | None, tuple[str, int] | None]:
+        """(size, (file, offset)) of a blob stored uncompressed, where known
+        without reading it; (None, None) for a compressed one."""
         with self.open(name) as f:
             head = f.read(4)
         if head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC):
-            return None
+            return None, None
         if self.tar is None:
-            return os.path.getsize(os.path.join(self.path, name))
+            path = os.path.join(self.path, name)
+            return os.path.getsize(path), (path, 0)
         member = self.members[_norm(name)]
         while member.issym() or member.islnk():  # extractfile followed these too
             member = self.tar._find_link_target(member)  # noqa: SLF001
-        return member.size
+        raw = type(self.tar.fileobj) is io.BufferedReader  # not a decompressing stream
+        return member.size, (self.path, member.offset_data) if raw else None
 
 
 def _norm(name: str) -> str:
@@ -131,10 +138,7 @@ def _docker(files: _Files, tag: str | None) -> Image:
         raise FastlayerError(
             f"image {files.path}: {len(paths)} layers but {len(diff_ids)} diff_ids in its config"
         )
-    layers = [
-        Layer(d, files.opener(p), files.plain_size(p), comment=p)
-        for p, d in zip(paths, diff_ids, strict=True)
-    ]
+    layers = [files.layer(p, d, comment=p) for p, d in zip(paths, diff_ids, strict=True)]
     return Image(config, layers, list(entry.get("RepoTags") or []))
 
 
@@ -198,12 +202,7 @@ def _oci(files: _Files, tag: str | None, os_name: str, arch: str | None) -> Imag
             f"image {files.path}: {len(descs)} layers but {len(diff_ids)} diff_ids in its config"
         )
     layers = [
-        Layer(
-            d,
-            files.opener(_blob_path(x["digest"])),
-            files.plain_size(_blob_path(x["digest"])),
-            comment=x["digest"],
-        )
+        files.layer(_blob_path(x["digest"]), d, comment=x["digest"])
         for x, d in zip(descs, diff_ids, strict=True)
     ]
     return Image(config, layers, names(desc))
