@@ -52,8 +52,8 @@ from fastlayer.registry.client import Registry
 from fastlayer.registry.pull import TO_OCI, kind_of
 from fastlayer.registry.reference import Reference, parse_reference
 from fastlayer.sinks.base import ImageRecord, config_bytes
-from fastlayer.sinks.compress import compressor
-from fastlayer.sinks.spool import Spool
+from fastlayer.sinks.compress import compressor, pump_compressed
+from fastlayer.sinks.spool import HashingSpool, Spool
 
 LAYER_TYPES = {"none": MT_OCI_LAYER, "gzip": MT_OCI_LAYER_GZIP, "zstd": MT_OCI_LAYER_ZSTD}
 CHUNK = 1 << 20
@@ -165,22 +165,8 @@ class RegistrySink:
             if self._fresh and self.kind != "none":
                 # no blob of this repository is known: expect to upload, so compress
                 # while producing rather than after (HEAD still precedes any upload)
-                hashing = _HashingSpool(spool)
-                comp = compressor(self.kind, hashing)
-                size = 0
-
-                def write(view: memoryview) -> None:
-                    nonlocal size
-                    size += len(view)
-                    comp.write(view)
-
-                try:
-                    hexd = source.pump(write)
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        comp.close()  # its threads must end; the first error is the one
-                    raise
-                comp.close()
+                hashing = HashingSpool(spool)
+                hexd, size = pump_compressed(source, self.kind, hashing)
                 self._count(compressed=1)
                 blob = Blob(hashing.digest(), spool.size, LAYER_TYPES[self.kind])
                 w = WrittenLayer(f"sha256:{hexd}", size, blob.digest, blob.size, blob.media_type)
@@ -359,23 +345,6 @@ class RegistrySink:
             self._bar = None
 
 
-class _HashingSpool:
-    """A compressor's target: bytes into a spool, hashed as they go."""
-
-    def __init__(self, spool: Spool):
-        self.spool = spool
-        self.sha256 = hashlib.sha256()
-
-    def write(self, data: bytes | memoryview) -> int:
-        view = memoryview(data)
-        self.sha256.update(view)
-        self.spool.write(view)
-        return len(view)
-
-    def digest(self) -> str:
-        return "sha256:" + self.sha256.hexdigest()
-
-
 class _BytesReader:
     def __init__(self, data: bytes):
         self.data = data
@@ -390,7 +359,7 @@ class _BytesReader:
 
 def _compress(spool: Spool, kind: str, out: Spool) -> str:
     """Compress spool's bytes into out; returns "sha256:<hex>" of the compressed blob."""
-    target = _HashingSpool(out)
+    target = HashingSpool(out)
     comp = compressor(kind, target)
     offset = 0
     while offset < spool.size:

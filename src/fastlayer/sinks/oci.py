@@ -39,7 +39,7 @@ from fastlayer.sinks.base import Finishing, ImageRecord, config_bytes, full_tags
 from fastlayer.sinks.compress import FdWriter, pump_compressed
 from fastlayer.sinks.docker_archive import DockerArchiveWriter
 from fastlayer.sinks.output import output_fd
-from fastlayer.sinks.spool import Spool
+from fastlayer.sinks.spool import HashingSpool, Spool
 
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYER_TYPES = {"none": MT_OCI_LAYER, "gzip": MT_OCI_LAYER_GZIP, "zstd": MT_OCI_LAYER_ZSTD}
@@ -207,18 +207,6 @@ def oci_dir_sink(output: str, kind: str, name: str, tag: str) -> Iterator[OciDir
         raise
 
 
-class _HashingSpool:
-    def __init__(self, spool: Spool):
-        self.spool = spool
-        self.sha256 = hashlib.sha256()
-
-    def write(self, data: bytes | memoryview) -> int:
-        view = memoryview(data)
-        self.sha256.update(view)
-        self.spool.write(view)
-        return len(view)
-
-
 class OciArchiveSink(_OciImage):
     """An OCI layout as a tar stream: oci-layout, blobs/, then index.json last."""
 
@@ -238,7 +226,7 @@ class OciArchiveSink(_OciImage):
         else:
             spool = Spool(source.size, self.writer.spool_dir)
             try:
-                out = _HashingSpool(spool)
+                out = HashingSpool(spool)
                 hexd, size = pump_compressed(source, self.kind, out)
                 blob = out.sha256.hexdigest()
                 if blob in self.names:

@@ -10,6 +10,7 @@ by a writer thread, while the next layer is already being produced.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import queue
 import tempfile
@@ -192,3 +193,20 @@ class OrderedWriter:
         self._error = self._error or RuntimeError("aborted")
         self._q.put(None)
         self._thread.join()
+
+
+class HashingSpool:
+    """A compressor's target: bytes into a spool, hashed as they go (blob digests)."""
+
+    def __init__(self, spool: Spool):
+        self.spool = spool
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data)
+        self.sha256.update(view)
+        self.spool.write(view)
+        return len(view)
+
+    def digest(self) -> str:
+        return "sha256:" + self.sha256.hexdigest()
