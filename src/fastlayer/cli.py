@@ -21,6 +21,7 @@ COMMANDS = {
     "rank": "rank",
     "plan": "plan",
     "nar-hash": "nar_hash",
+    "nix-db": "nix_db",
     "graph": "graph",
     "pull": "pull",
     "push": "push",
