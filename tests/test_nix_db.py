@@ -114,3 +114,32 @@ def test_corrupt_store_is_never_registered(tmp_path, closure):
     leaf.write_text("changed\n")
     with pytest.raises(FastlayerError, match="fl-db-leaf: its contents hash to"):
         registrations(load_graph(str(graph)), on_disk=lambda p: str(root) + p)
+
+
+@pytest.mark.validators
+def test_image_with_nix_db_verifies_after_unpack(tmp_path, closure):
+    import validators
+
+    import fastlayer
+
+    top, info, graph, env = closure
+    out = tmp_path / "nixdb.tar"
+    spec = {"name": "nixdb", "tag": "t", "nix_db": True, "nix_uid": 1000, "nix_gid": 100,
+            "contents": {"store_paths": [top], "graph": str(graph)}}  # fmt: skip
+    fastlayer.build(spec, str(out))
+    oci = validators.skopeo_copy_to_oci(out, tmp_path / "oci", "t")
+    rootfs = validators.umoci_unpack(oci, "t", tmp_path / "bundle")
+    db = rootfs / "nix/var/nix/db/db.sqlite"
+    assert db.stat().st_uid == 1000 and db.stat().st_gid == 100
+    rows = sqlite3.connect(db).execute("select hash, narSize from ValidPaths").fetchall()
+    assert all(h != "sha256:" + "0" * 64 and size > 0 for h, size in rows)  # Nix repairs zeros
+    check = tmp_path / "check"  # verify on a copy: Nix may repair what it checks
+    shutil.copytree(rootfs, check, symlinks=True)
+    store = f"local?root={check}"
+    nix_store = require("nix-store")
+    r = subprocess.run([nix_store, "--store", store, "--verify", "--check-contents"],
+                       capture_output=True, text=True, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    qr = subprocess.run([nix_store, "--store", store, "-qR", top], check=True,
+                        capture_output=True, text=True, env=env).stdout.split()  # fmt: skip
+    assert sorted(qr) == sorted(n["path"] for n in info)

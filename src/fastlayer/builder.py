@@ -113,23 +113,40 @@ def closure_rows(graph: Any, roots: list[str]) -> Any:
     return np.flatnonzero(seen)
 
 
-def plan_store_layers(spec: Spec, base_layers: int) -> Any:
+def closure_graph(spec: Spec) -> Any:
+    """The closure of the contents' store paths (a ClosureGraph), or None."""
+    if not spec.contents.graph:
+        return None
+    from fastlayer.graph import load_graph  # numpy: only for images with store paths
+
+    graph = load_graph(spec.contents.graph, store_dir=spec.store_dir)
+    rows = closure_rows(graph, spec.contents.store_paths)
+    return graph.subgraph(rows) if len(rows) < graph.n else graph
+
+
+def plan_store_layers(spec: Spec, base_layers: int, graph: Any = None) -> Any:
     """The store layers' plan, or None when the image holds no store paths."""
     from fastlayer.plan.limit import store_layer_budget
 
     budget = store_layer_budget(spec.max_layers, base_layers)
     if not spec.include_store_paths or not spec.contents.graph:
         return None
-    # numpy and the planners load only for images with store paths
-    from fastlayer.graph import load_graph
     from fastlayer.plan import make_plan, read_plan
 
-    graph = load_graph(spec.contents.graph, store_dir=spec.store_dir)
-    rows = closure_rows(graph, spec.contents.store_paths)
-    if len(rows) < graph.n:
-        graph = graph.subgraph(rows)
+    graph = graph if graph is not None else closure_graph(spec)
     previous = read_plan(spec.previous_plan) if spec.previous_plan else None
     return make_plan(graph, spec.strategy, budget, previous=previous, steps=spec.pipeline)
+
+
+def stage_nix_db(spec: Spec, graph: Any, staging: Path, mtime: int) -> None:
+    """/nix/var/nix/db registering the closure, and gcroots for the contents."""
+    from fastlayer.nix.db import registrations, write_db, write_gcroots
+
+    if graph is None:
+        raise FastlayerError("nix_db needs contents.graph (the closure to register)")
+    when = int(os.environ.get("SOURCE_DATE_EPOCH", mtime))
+    write_db(str(staging / "nix/var/nix/db"), registrations(graph, spec.on_disk), when)
+    write_gcroots(str(staging), spec.contents.store_paths)
 
 
 class _Progress:
@@ -217,7 +234,8 @@ def build_into(
     mtime = int(parse_time(spec.mtime, "mtime").timestamp())
     owner = Owner(mtime=mtime, uid=spec.uid, gid=spec.gid, uname=spec.uname, gname=spec.gname)
     base = open_image(spec.from_image, tag=spec.from_image_tag) if spec.from_image else None
-    plan = plan_store_layers(spec, len(base.layers) if base else 0)
+    graph = closure_graph(spec) if (spec.nix_db or spec.include_store_paths) else None
+    plan = plan_store_layers(spec, len(base.layers) if base else 0, graph)
     store_paths = [layer.paths for layer in plan.layers] if plan else []
     n_layers = (len(base.layers) if base else 0) + len(store_paths) + 1
     bar = _Progress(plan.total_size if plan else 0, n_layers, progress)
@@ -226,6 +244,8 @@ def build_into(
         with tempfile.TemporaryDirectory(prefix="fastlayer-stage-") as staging_dir:
             staging = Path(staging_dir)
             stage(spec, staging)
+            if spec.nix_db:
+                stage_nix_db(spec, graph, staging, mtime)
             custom = customisation_layer(spec, staging, owner)
             with sink_for(mtime) as sink:
                 infos: list[LayerInfo] = []

@@ -62,6 +62,9 @@ class Spec:
     from_image: str | None = None
     from_image_tag: str | None = None
     verify_base: bool = False  # re-hash base layers as they are copied
+    nix_db: bool = False  # register the closure in /nix/var/nix/db (includeNixDB)
+    nix_uid: int = 0
+    nix_gid: int = 0
     config: dict[str, Any] = field(default_factory=dict)
     architecture: str = "amd64"
     os: str = "linux"
@@ -200,7 +203,7 @@ def _check(spec: Spec, where: str) -> Spec:
 
     types: dict[str, type | tuple[type, ...]] = {
         "name": str, "tag": (str, type(None)), "include_store_paths": bool, "max_layers": int,
-        "verify_base": bool,
+        "verify_base": bool, "nix_db": bool, "nix_uid": int, "nix_gid": int,
         "strategy": str, "architecture": str, "os": str, "variant": (str, type(None)),
         "created": str, "mtime": str, "uid": int, "gid": int, "uname": str, "gname": str,
         "extra_commands": (str, type(None)), "compression": str, "config": dict,

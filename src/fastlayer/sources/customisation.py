@@ -77,8 +77,11 @@ def customisation_layer(spec: Spec, staging: Path, owner: Owner) -> LayerStream:
     """Walk the staged tree into a layer with absolute names, rules applied."""
     roots = [(fsencode(str(staging / n)), fsencode("/" + n)) for n in _sorted(staging)]
     stream = walk([], roots, owner)
-    if spec.permissions:
-        stream.set_rules([_rule(p) for p in spec.permissions])
+    rules = list(spec.permissions)
+    if spec.nix_db:  # the Nix state belongs to nix_uid/nix_gid; later user rules still win
+        rules.insert(0, Permission("/nix/var*", spec.nix_uid, spec.nix_gid))
+    if rules:
+        stream.set_rules([_rule(p) for p in rules])
     return stream
 
 
