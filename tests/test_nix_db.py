@@ -43,10 +43,18 @@ def closure(tmp_path_factory):
     env = {**os.environ, "NIX_CONFIG": NIX_CONFIG}
     work = tmp_path_factory.mktemp("nixdb")
     (work / "db.nix").write_text(NIX_EXPR)
-    top = subprocess.run([nix_build, str(work / "db.nix"), "--no-out-link"], check=True,
-                         capture_output=True, text=True, env=env).stdout.strip()  # fmt: skip
-    info = json.loads(subprocess.run([nix, "path-info", "--json", "-r", top], check=True,
-                                     capture_output=True, env=env).stdout)  # fmt: skip
+    top = subprocess.run(
+        [nix_build, str(work / "db.nix"), "--no-out-link"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout.strip()
+    info = json.loads(
+        subprocess.run(
+            [nix, "path-info", "--json", "-r", top], check=True, capture_output=True, env=env
+        ).stdout
+    )
     graph = work / "graph.json"
     graph.write_text(json.dumps(info))
     return top, info, graph, env
@@ -78,19 +86,32 @@ def test_db_verifies_with_real_nix(tmp_path, closure):
     shutil.copytree(root, check, symlinks=True)
     store = f"local?root={check}"
     nix_store = require("nix-store")
-    r = subprocess.run([nix_store, "--store", store, "--verify", "--check-contents"],
-                       capture_output=True, text=True, env=env)  # fmt: skip
+    r = subprocess.run(
+        [nix_store, "--store", store, "--verify", "--check-contents"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
-    qr = subprocess.run([nix_store, "--store", store, "-qR", top], check=True,
-                        capture_output=True, text=True, env=env).stdout.split()  # fmt: skip
+    qr = subprocess.run(
+        [nix_store, "--store", store, "-qR", top],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout.split()
     assert sorted(qr) == sorted(n["path"] for n in info)
     assert os.readlink(root / "nix/var/nix/gcroots/docker" / os.path.basename(top)) == top
     # one edited file: verify fails
     data = next(check.glob("nix/store/*-fl-db-leaf/bin/data"))
     data.chmod(0o755)
     data.write_text("tampered\n")
-    r = subprocess.run([nix_store, "--store", store, "--verify", "--check-contents"],
-                       capture_output=True, text=True, env=env)  # fmt: skip
+    r = subprocess.run(
+        [nix_store, "--store", store, "--verify", "--check-contents"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode != 0
 
 
@@ -124,8 +145,14 @@ def test_image_with_nix_db_verifies_after_unpack(tmp_path, closure):
 
     top, info, graph, env = closure
     out = tmp_path / "nixdb.tar"
-    spec = {"name": "nixdb", "tag": "t", "nix_db": True, "nix_uid": 1000, "nix_gid": 100,
-            "contents": {"store_paths": [top], "graph": str(graph)}}  # fmt: skip
+    spec = {
+        "name": "nixdb",
+        "tag": "t",
+        "nix_db": True,
+        "nix_uid": 1000,
+        "nix_gid": 100,
+        "contents": {"store_paths": [top], "graph": str(graph)},
+    }
     fastlayer.build(spec, str(out))
     oci = validators.skopeo_copy_to_oci(out, tmp_path / "oci", "t")
     rootfs = validators.umoci_unpack(oci, "t", tmp_path / "bundle")
@@ -137,9 +164,115 @@ def test_image_with_nix_db_verifies_after_unpack(tmp_path, closure):
     shutil.copytree(rootfs, check, symlinks=True)
     store = f"local?root={check}"
     nix_store = require("nix-store")
-    r = subprocess.run([nix_store, "--store", store, "--verify", "--check-contents"],
-                       capture_output=True, text=True, env=env)  # fmt: skip
+    r = subprocess.run(
+        [nix_store, "--store", store, "--verify", "--check-contents"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
-    qr = subprocess.run([nix_store, "--store", store, "-qR", top], check=True,
-                        capture_output=True, text=True, env=env).stdout.split()  # fmt: skip
+    qr = subprocess.run(
+        [nix_store, "--store", store, "-qR", top],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout.split()
     assert sorted(qr) == sorted(n["path"] for n in info)
+
+
+OTHER_EXPR = r"""
+builtins.derivation {
+  name = "fl-db-other";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "/bin/mkdir $out; echo other > $out/data" ];
+}
+"""
+
+
+@pytest.mark.validators
+def test_base_image_database_is_merged(tmp_path, closure):
+    import validators
+
+    import fastlayer
+
+    top, info, graph, env = closure
+    (tmp_path / "other.nix").write_text(OTHER_EXPR)
+    other = subprocess.run(
+        [require("nix-build"), str(tmp_path / "other.nix"), "--no-out-link"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout.strip()
+    other_info = subprocess.run(
+        [require("nix"), "path-info", "--json", "-r", other],
+        check=True,
+        capture_output=True,
+        env=env,
+    ).stdout
+    (tmp_path / "other.json").write_text(other_info.decode())
+    base = tmp_path / "base.tar"
+    fastlayer.build(
+        {
+            "name": "base",
+            "tag": "b",
+            "nix_db": True,
+            "contents": {"store_paths": [other], "graph": str(tmp_path / "other.json")},
+        },
+        str(base),
+    )
+    out = tmp_path / "child.tar"
+    fastlayer.build(
+        {
+            "name": "child",
+            "tag": "c",
+            "nix_db": True,
+            "from_image": str(base),
+            "contents": {"store_paths": [top], "graph": str(graph)},
+        },
+        str(out),
+    )
+    oci = validators.skopeo_copy_to_oci(out, tmp_path / "oci", "c")
+    rootfs = validators.umoci_unpack(oci, "c", tmp_path / "bundle")
+    check = tmp_path / "check"
+    shutil.copytree(rootfs, check, symlinks=True)
+    store = f"local?root={check}"
+    nix_store = require("nix-store")
+    r = subprocess.run(
+        [nix_store, "--store", store, "--verify", "--check-contents"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    for root in (top, other):  # the base's registrations survive next to ours
+        qr = subprocess.run(
+            [nix_store, "--store", store, "-qR", root],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        ).stdout.split()
+        assert root in qr
+    paths = {
+        p
+        for (p,) in sqlite3.connect(rootfs / "nix/var/nix/db/db.sqlite").execute(
+            "select path from ValidPaths"
+        )
+    }
+    assert paths == {n["path"] for n in info} | {other}
+
+
+def test_merge_refuses_a_path_registered_with_another_hash():
+    from fastlayer.nix.db import Registration, merge
+
+    base = [Registration("/nix/store/aaa-x", "11" * 32, 10, [])]
+    same = [
+        Registration("/nix/store/aaa-x", "11" * 32, 10, []),
+        Registration("/nix/store/bbb-y", "22" * 32, 20, ["/nix/store/aaa-x"]),
+    ]
+    assert {r.path for r in merge(base, same)} == {"/nix/store/aaa-x", "/nix/store/bbb-y"}
+    with pytest.raises(FastlayerError, match="aaa-x is registered in the base image"):
+        merge(base, [Registration("/nix/store/aaa-x", "33" * 32, 10, [])])

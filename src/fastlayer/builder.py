@@ -138,14 +138,28 @@ def plan_store_layers(spec: Spec, base_layers: int, graph: Any = None) -> Any:
     return make_plan(graph, spec.strategy, budget, previous=previous, steps=spec.pipeline)
 
 
-def stage_nix_db(spec: Spec, graph: Any, staging: Path, mtime: int) -> None:
-    """/nix/var/nix/db registering the closure, and gcroots for the contents."""
-    from fastlayer.nix.db import registrations, write_db, write_gcroots
+def stage_nix_db(spec: Spec, graph: Any, base: Image | None, staging: Path, mtime: int) -> None:
+    """/nix/var/nix/db registering the closure (merged with the base image's
+    database, if it has one), and gcroots for the contents."""
+    from fastlayer.nix.db import (
+        base_image_db,
+        merge,
+        read_db,
+        registrations,
+        write_db,
+        write_gcroots,
+    )
 
     if graph is None:
         raise FastlayerError("nix_db needs contents.graph (the closure to register)")
+    regs = registrations(graph, spec.on_disk)
+    if base is not None:
+        found = staging / ".base-db.sqlite"
+        if base_image_db(base, str(found)):
+            regs = merge(read_db(str(found)), regs)
+            found.unlink()
     when = int(os.environ.get("SOURCE_DATE_EPOCH", mtime))
-    write_db(str(staging / "nix/var/nix/db"), registrations(graph, spec.on_disk), when)
+    write_db(str(staging / "nix/var/nix/db"), regs, when)
     write_gcroots(str(staging), spec.contents.store_paths)
 
 
@@ -245,7 +259,7 @@ def build_into(
             staging = Path(staging_dir)
             stage(spec, staging)
             if spec.nix_db:
-                stage_nix_db(spec, graph, staging, mtime)
+                stage_nix_db(spec, graph, base, staging, mtime)
             custom = customisation_layer(spec, staging, owner)
             with sink_for(mtime) as sink:
                 infos: list[LayerInfo] = []

@@ -160,3 +160,61 @@ def write_gcroots(root: str, paths: Sequence[str]) -> None:
         link = os.path.join(gc, os.path.basename(p))
         if not os.path.lexists(link):
             os.symlink(p, link)
+
+
+DB_MEMBER = "nix/var/nix/db/db.sqlite"
+
+
+def read_db(path: str) -> list[Registration]:
+    """The registrations of an existing Nix database (e.g. a base image's)."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = con.execute("select id, path, hash, narSize, deriver from ValidPaths").fetchall()
+        by_id = {r[0]: r[1] for r in rows}
+        refs: dict[int, list[str]] = {}
+        for referrer, reference in con.execute("select referrer, reference from Refs"):
+            refs.setdefault(referrer, []).append(by_id[reference])
+    except sqlite3.DatabaseError as e:
+        raise FastlayerError(f"{path}: not a Nix database: {e}") from None
+    finally:
+        con.close()
+    return [
+        Registration(p, hash_hex(h), size or 0, sorted(refs.get(i, [])), deriver)
+        for i, p, h, size, deriver in rows
+    ]
+
+
+def merge(base: list[Registration], ours: list[Registration]) -> list[Registration]:
+    """The union; a path registered in both must have the same hash."""
+    merged = {r.path: r for r in base}
+    for r in ours:
+        old = merged.get(r.path)
+        if old is not None and old.nar_hash_hex != r.nar_hash_hex:
+            raise FastlayerError(
+                f"{r.path} is registered in the base image with sha256:{old.nar_hash_hex}, "
+                f"but hashes to sha256:{r.nar_hash_hex} here"
+            )
+        if old is not None:
+            refs = sorted(set(old.references) | set(r.references))
+            r = Registration(r.path, r.nar_hash_hex, r.nar_size, refs, r.deriver)
+        merged[r.path] = r
+    return list(merged.values())
+
+
+def base_image_db(image, dest: str) -> bool:
+    """Copy the topmost /nix/var/nix/db/db.sqlite of a base image (model.Image) to
+    dest; False when no layer has one."""
+    import shutil
+    import tarfile
+
+    for layer in reversed(image.layers):
+        with layer.open() as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+            for member in tar:
+                name = member.name.removeprefix("./").lstrip("/")
+                if name == DB_MEMBER and member.isreg():
+                    src = tar.extractfile(member)
+                    assert src is not None
+                    with open(dest, "wb") as out:
+                        shutil.copyfileobj(src, out)
+                    return True
+    return False
