@@ -153,7 +153,9 @@ def test_image_with_nix_db_verifies_after_unpack(tmp_path, closure):
         "nix_gid": 100,
         "contents": {"store_paths": [top], "graph": str(graph)},
     }
-    fastlayer.build(spec, str(out))
+    first = fastlayer.build(spec, str(out))
+    again = fastlayer.build(spec, str(tmp_path / "again.tar"))
+    assert [x.diff_id for x in again.layers] == [x.diff_id for x in first.layers]  # same db bytes
     oci = validators.skopeo_copy_to_oci(out, tmp_path / "oci", "t")
     rootfs = validators.umoci_unpack(oci, "t", tmp_path / "bundle")
     db = rootfs / "nix/var/nix/db/db.sqlite"
