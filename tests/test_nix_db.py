@@ -10,16 +10,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from validators import require, require_root
+from nixbuild import closure_in_store, nix_build, verify_store
 
 from fastlayer.cli import main
 from fastlayer.errors import FastlayerError
 from fastlayer.graph import load_graph
 from fastlayer.nix.db import hash_hex, registrations
 
-NIX_CONFIG = (
-    "build-users-group =\nexperimental-features = nix-command\nsandbox = false\nsubstituters ="
-)
 NIX_EXPR = r"""
 let
   mk = name: script: builtins.derivation {
@@ -37,27 +34,18 @@ in mk "fl-db-top" "/bin/mkdir $out; echo ${mid} > $out/deps"
 
 @pytest.fixture(scope="module")
 def closure(tmp_path_factory):
-    """A real closure (nix-build as root into /nix/store) copied into a fresh root."""
-    require_root("nix-build into the real /nix/store")
-    nix_build, nix = require("nix-build"), require("nix")
-    env = {**os.environ, "NIX_CONFIG": NIX_CONFIG}
+    """A real closure (nix-build as root into /nix/store) and its graph file."""
     work = tmp_path_factory.mktemp("nixdb")
-    (work / "db.nix").write_text(NIX_EXPR)
-    top = subprocess.run(
-        [nix_build, str(work / "db.nix"), "--no-out-link"],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    ).stdout.strip()
-    info = json.loads(
-        subprocess.run(
-            [nix, "path-info", "--json", "-r", top], check=True, capture_output=True, env=env
-        ).stdout
-    )
+    top, info = nix_build(NIX_EXPR, work)
     graph = work / "graph.json"
     graph.write_text(json.dumps(info))
-    return top, info, graph, env
+    return top, info, graph
+
+
+def checked_copy(root: Path, dest: Path) -> Path:
+    """A copy of root to verify: Nix silently repairs what it checks."""
+    shutil.copytree(root, dest, symlinks=True)
+    return dest
 
 
 def populate(root: Path, info: list[dict]) -> None:
@@ -68,7 +56,7 @@ def populate(root: Path, info: list[dict]) -> None:
 
 
 def test_db_verifies_with_real_nix(tmp_path, closure):
-    top, info, graph, env = closure
+    top, info, graph = closure
     root = tmp_path / "rootfs"
     populate(root, info)
     assert main(["nix-db", str(graph), str(root), "--gcroot", top]) == 0
@@ -81,42 +69,20 @@ def test_db_verifies_with_real_nix(tmp_path, closure):
     for path, h, size in rows:
         assert h == "sha256:" + hash_hex(by_path[path]["narHash"])
         assert size == by_path[path]["narSize"]
-    # Nix silently repairs some rows: verify a copy, keep ours to compare
-    check = tmp_path / "check"
-    shutil.copytree(root, check, symlinks=True)
-    store = f"local?root={check}"
-    nix_store = require("nix-store")
-    r = subprocess.run(
-        [nix_store, "--store", store, "--verify", "--check-contents"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    check = checked_copy(root, tmp_path / "check")
+    r = verify_store(check)
     assert r.returncode == 0, r.stderr
-    qr = subprocess.run(
-        [nix_store, "--store", store, "-qR", top],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    ).stdout.split()
-    assert sorted(qr) == sorted(n["path"] for n in info)
+    assert sorted(closure_in_store(check, top)) == sorted(n["path"] for n in info)
     assert os.readlink(root / "nix/var/nix/gcroots/docker" / os.path.basename(top)) == top
     # one edited file: verify fails
     data = next(check.glob("nix/store/*-fl-db-leaf/bin/data"))
     data.chmod(0o755)
     data.write_text("tampered\n")
-    r = subprocess.run(
-        [nix_store, "--store", store, "--verify", "--check-contents"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert r.returncode != 0
+    assert verify_store(check).returncode != 0
 
 
 def test_same_inputs_same_bytes(tmp_path, closure):
-    top, info, graph, env = closure
+    top, info, graph = closure
     outs = []
     for name in ("a", "b"):
         root = tmp_path / name
@@ -127,7 +93,7 @@ def test_same_inputs_same_bytes(tmp_path, closure):
 
 
 def test_corrupt_store_is_never_registered(tmp_path, closure):
-    top, info, graph, env = closure
+    top, info, graph = closure
     root = tmp_path / "rootfs"
     populate(root, info)
     leaf = next(root.glob("nix/store/*-fl-db-leaf/bin/data"))
@@ -143,7 +109,7 @@ def test_image_with_nix_db_verifies_after_unpack(tmp_path, closure):
 
     import fastlayer
 
-    top, info, graph, env = closure
+    top, info, graph = closure
     out = tmp_path / "nixdb.tar"
     spec = {
         "name": "nixdb",
@@ -162,25 +128,10 @@ def test_image_with_nix_db_verifies_after_unpack(tmp_path, closure):
     assert db.stat().st_uid == 1000 and db.stat().st_gid == 100
     rows = sqlite3.connect(db).execute("select hash, narSize from ValidPaths").fetchall()
     assert all(h != "sha256:" + "0" * 64 and size > 0 for h, size in rows)  # Nix repairs zeros
-    check = tmp_path / "check"  # verify on a copy: Nix may repair what it checks
-    shutil.copytree(rootfs, check, symlinks=True)
-    store = f"local?root={check}"
-    nix_store = require("nix-store")
-    r = subprocess.run(
-        [nix_store, "--store", store, "--verify", "--check-contents"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    check = checked_copy(rootfs, tmp_path / "check")
+    r = verify_store(check)
     assert r.returncode == 0, r.stderr
-    qr = subprocess.run(
-        [nix_store, "--store", store, "-qR", top],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    ).stdout.split()
-    assert sorted(qr) == sorted(n["path"] for n in info)
+    assert sorted(closure_in_store(check, top)) == sorted(n["path"] for n in info)
 
 
 OTHER_EXPR = r"""
@@ -199,22 +150,9 @@ def test_base_image_database_is_merged(tmp_path, closure):
 
     import fastlayer
 
-    top, info, graph, env = closure
-    (tmp_path / "other.nix").write_text(OTHER_EXPR)
-    other = subprocess.run(
-        [require("nix-build"), str(tmp_path / "other.nix"), "--no-out-link"],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    ).stdout.strip()
-    other_info = subprocess.run(
-        [require("nix"), "path-info", "--json", "-r", other],
-        check=True,
-        capture_output=True,
-        env=env,
-    ).stdout
-    (tmp_path / "other.json").write_text(other_info.decode())
+    top, info, graph = closure
+    other, other_info = nix_build(OTHER_EXPR, tmp_path / "other")
+    (tmp_path / "other.json").write_text(json.dumps(other_info))
     base = tmp_path / "base.tar"
     fastlayer.build(
         {
@@ -238,26 +176,11 @@ def test_base_image_database_is_merged(tmp_path, closure):
     )
     oci = validators.skopeo_copy_to_oci(out, tmp_path / "oci", "c")
     rootfs = validators.umoci_unpack(oci, "c", tmp_path / "bundle")
-    check = tmp_path / "check"
-    shutil.copytree(rootfs, check, symlinks=True)
-    store = f"local?root={check}"
-    nix_store = require("nix-store")
-    r = subprocess.run(
-        [nix_store, "--store", store, "--verify", "--check-contents"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    check = checked_copy(rootfs, tmp_path / "check")
+    r = verify_store(check)
     assert r.returncode == 0, r.stderr
     for root in (top, other):  # the base's registrations survive next to ours
-        qr = subprocess.run(
-            [nix_store, "--store", store, "-qR", root],
-            check=True,
-            capture_output=True,
-            text=True,
-            env=env,
-        ).stdout.split()
-        assert root in qr
+        assert root in closure_in_store(check, root)
     paths = {
         p
         for (p,) in sqlite3.connect(rootfs / "nix/var/nix/db/db.sqlite").execute(

@@ -6,23 +6,18 @@ import argparse
 import json
 import os
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
 from fastlayer._native.nar import nar_walk
 from fastlayer._native.scan import RefTable
-from validators import require, require_root
+from nixbuild import nix_build
 
 from fastlayer.commands import graph as graph_cmd
 from fastlayer.errors import FastlayerError
 from fastlayer.nix.base32 import ALPHABET
 from fastlayer.nix.nar import BUFFER_SIZE, nar_hash
 from fastlayer.nix.scan import PathInfo, closure_sizes, scan_references, scan_store
-
-NIX_CONFIG = (
-    "build-users-group =\nexperimental-features = nix-command\nsandbox = false\nsubstituters ="
-)
 
 
 def random_hash(rng: random.Random) -> str:
@@ -219,18 +214,7 @@ in mk "fl-scan-top"
 
 @pytest.fixture(scope="module")
 def nix_built(tmp_path_factory) -> tuple[str, list[dict]]:
-    require_root("nix-build into the real /nix/store")
-    nix_build, nix = require("nix-build"), require("nix")
-    env = {**os.environ, "NIX_CONFIG": NIX_CONFIG}
-    expr = tmp_path_factory.mktemp("nix") / "scan.nix"
-    expr.write_text(NIX_EXPR)
-    top = subprocess.run(
-        [nix_build, str(expr), "--no-out-link"], check=True, capture_output=True, env=env, text=True
-    ).stdout.strip()
-    info = subprocess.run(
-        [nix, "path-info", "--json", "-r", top], check=True, capture_output=True, env=env
-    ).stdout
-    return top, json.loads(info)
+    return nix_build(NIX_EXPR, tmp_path_factory.mktemp("nix"))
 
 
 def test_references_match_nix(nix_built: tuple[str, list[dict]]) -> None:
