@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fastlayer.commands import add_graph_arguments
 from fastlayer.errors import FastlayerError
 from fastlayer.graph import load_graph
 from fastlayer.plan import STRATEGIES, make_plan, read_plan, store_layer_budget
@@ -21,10 +22,7 @@ def register(subparsers: Any) -> None:
         description="Group the paths of a closure graph into store layers and write "
         "the plan as JSON (format: fastlayer.plan.planfile).",
     )
-    p.add_argument(
-        "graph", help="exportReferencesGraph JSON, nix path-info JSON or closureInfo dir"
-    )
-    p.add_argument("key", nargs="?", help="key of the graph list in an attrs JSON file")
+    add_graph_arguments(p)
     p.add_argument("--strategy", choices=STRATEGIES, default="popularity")
     p.add_argument(
         "--max-layers",
@@ -38,8 +36,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--previous", help="the plan of the previous build (for --strategy stable)")
     p.add_argument("--pipeline", help="layeringPipeline as a JSON file, or inline JSON")
     p.add_argument("--exclude", help="file of paths to leave out of every layer, one a line")
-    p.add_argument("--store-dir", help="store directory (default $NIX_STORE_DIR or /nix/store)")
-    p.add_argument("-o", "--output", help="write to this file (atomically) instead of stdout")
     p.set_defaults(func=run)
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from fastlayer.commands import add_graph_arguments
 from fastlayer.graph import load_graph
 from fastlayer.plan import rank
 from fastlayer.plan.planfile import write_atomic
@@ -18,12 +19,7 @@ def register(subparsers: Any) -> None:
         description="Print the paths of a closure graph one a line, in the order of "
         "nixpkgs' closure-graph.py (referencesByPopularity).",
     )
-    p.add_argument(
-        "graph", help="exportReferencesGraph JSON, nix path-info JSON or closureInfo dir"
-    )
-    p.add_argument("key", nargs="?", help="key of the graph list in an attrs JSON file")
-    p.add_argument("--store-dir", help="store directory (default $NIX_STORE_DIR or /nix/store)")
-    p.add_argument("-o", "--output", help="write to this file (atomically) instead of stdout")
+    add_graph_arguments(p)
     p.set_defaults(func=run)
 
 
