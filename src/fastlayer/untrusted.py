@@ -127,25 +127,29 @@ def each(value: object, where: str, check: Callable[[Any, str], T]) -> list[T]:
 # JSON
 
 
-def parse_json(data: bytes | str, where: str) -> Any:
-    """JSON text to a value; malformed, over-deep or non-UTF-8 text is one line."""
+def parse_json(data: bytes | str, where: str, max_depth: int | None = MAX_DEPTH) -> Any:
+    """JSON text to a value; malformed, over-deep or non-UTF-8 text is one line.
+
+    max_depth=None skips the depth walk (for large graphs, whose loaders check
+    every value's type anyway); nesting past the parser's stack is still one line."""
     try:
         value = json.loads(data)
     except RecursionError:
         raise Invalid(f"{where}: JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise Invalid(f"{where}: not valid JSON: {e}") from None
-    _check_depth(value, where)
+    if max_depth is not None:
+        _check_depth(value, where, max_depth)
     return value
 
 
-def _check_depth(value: Any, where: str) -> None:
+def _check_depth(value: Any, where: str, max_depth: int) -> None:
     # Iterative, so a deep document cannot blow the stack of whoever walks it later.
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise Invalid(f"{where}: JSON nested deeper than {MAX_DEPTH} levels")
+        if depth > max_depth:
+            raise Invalid(f"{where}: JSON nested deeper than {max_depth} levels")
         if isinstance(item, dict):
             stack.extend((v, depth + 1) for v in item.values() if isinstance(v, dict | list))
         elif isinstance(item, list):
