@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from fastlayer import untrusted as u
 from fastlayer.emit import Owner, Pipeline, ReaderSource, store_layer
 from fastlayer.errors import FastlayerError
 from fastlayer.model import Image
 from fastlayer.sinks.docker_archive import DockerArchiveWriter
 from fastlayer.sources.base_archive import BaseArchive, open_base_archive
-from fastlayer.sources.base_image import open_image
+from fastlayer.sources.base_image import Guarded, open_image
+from fastlayer.untrusted import Invalid, short
 
 REQUIRED = (
     "architecture", "config", "store_dir", "from_image", "store_layers",
@@ -43,42 +45,68 @@ class NixConf:
     repo_tag: str
 
 
-def parse_time(value: str, key: str) -> datetime:
+def parse_time(value: object, key: str) -> datetime:
     """ISO 8601 or "now", as the script reads it (a trailing Z works on 3.10 too)."""
     if value == "now":
         return _NOW
+    if not isinstance(value, str):
+        raise FastlayerError(
+            f"conf key {key!r}: must be a string (ISO 8601 or 'now'), not {short(value)}"
+        )
     try:
         return datetime.fromisoformat(re.sub(r"Z$", "+00:00", value))
     except (TypeError, ValueError):
         raise FastlayerError(
-            f"conf key {key!r}: not an ISO 8601 time or 'now': {value!r}"
+            f"conf key {key!r}: not an ISO 8601 time or 'now': {short(value)}"
         ) from None
 
 
-def load_conf(path: str) -> NixConf:
+# uid_t is 32 bits and (uid_t)-1 means "no change": never an owner.
+MAX_ID = (1 << 32) - 2
+# 9999-12-31T23:59:59Z: the last time ISO 8601 (and docker) can write.
+MAX_TIME = 253402300799
+
+
+def _id(value: object, key: str, where: str) -> int:
+    """uid/gid: an integer or a string of digits (nixpkgs passes toString)."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,20}", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(f"{where}: conf key {key!r}: must be an integer, not {short(value)}")
+    return u.integer(value, f"{where}: conf key {key!r}", 0, MAX_ID)
+
+
+def _time(value: object, key: str, where: str) -> datetime:
+    t = parse_time(value, key)
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except OSError as e:
-        raise FastlayerError(f"cannot read conf {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise FastlayerError(f"conf {path} is not valid JSON: {e}") from None
+        seconds = t.timestamp()
+    except (OverflowError, ValueError, OSError):
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_TIME:
+        raise Invalid(f"{where}: conf key {key!r}: {short(value)} is not between 1970 and 9999")
+    return t
+
+
+def load_conf(path: str) -> NixConf:
+    raw = u.load_json_file(path, "conf")
+    where = f"conf {path}"
     if not isinstance(raw, dict):
-        raise FastlayerError(f"conf {path}: expected a JSON object")
+        raise FastlayerError(f"{where}: expected a JSON object")
     missing = [k for k in REQUIRED if k not in raw]
     if missing:
-        raise FastlayerError(f"conf {path}: missing key(s) {', '.join(missing)}")
-    layers = raw["store_layers"]
-    if not (isinstance(layers, list) and all(isinstance(x, list) for x in layers)):
-        raise FastlayerError(f"conf {path}: store_layers must be a list of lists of paths")
-    try:
-        uid, gid = int(raw["uid"]), int(raw["gid"])
-    except (TypeError, ValueError):
-        raise FastlayerError(f"conf {path}: uid and gid must be integers") from None
-    mtime = int(parse_time(raw["mtime"], "mtime").timestamp())
+        raise FastlayerError(f"{where}: missing key(s) {', '.join(missing)}")
+    layers = u.each(raw["store_layers"], f"{where}: store_layers", u.str_list)
+    for key in ("architecture", "store_dir", "customisation_layer", "repo_tag", "uname", "gname"):
+        u.of_type(raw[key], str, f"{where}: conf key {key!r}")
+    u.of_type(raw["from_image"], (str, type(None)), f"{where}: conf key 'from_image'")
+    config = u.of_type(raw["config"], dict, f"{where}: conf key 'config'")
+    if "Env" in config:  # merged with a base image's Env
+        u.str_list(config["Env"], f"{where}: config.Env", allow_none=True)
+    uid, gid = _id(raw["uid"], "uid", where), _id(raw["gid"], "gid", where)
+    mtime = int(_time(raw["mtime"], "mtime", where).timestamp())
     return NixConf(
         raw=raw,
-        created=parse_time(raw["created"], "created"),
+        created=_time(raw["created"], "created", where),
         owner=Owner(mtime=mtime, uid=uid, gid=gid, uname=raw["uname"], gname=raw["gname"]),
         store_dir=raw["store_dir"],
         store_layers=layers,
@@ -129,9 +157,10 @@ def _is_docker_archive(path: str) -> bool:
     import tarfile
 
     try:
-        with tarfile.open(path, "r:") as t:  # uncompressed only: entries are copied raw
+        with u.open_regular(path, "base image") as f, tarfile.open(fileobj=f, mode="r:") as t:
+            # uncompressed only: entries are copied raw
             names = {n.removeprefix("./") for n in t.getnames()}
-    except (OSError, tarfile.TarError):
+    except (OSError, EOFError, tarfile.TarError, FastlayerError):
         return False
     return "manifest.json" in names and "oci-layout" not in names
 
@@ -146,11 +175,11 @@ def stream_conf(
     """Write the image for conf to out_fd; returns the layer diff_ids (hex)."""
     _check_paths(conf, root)
     checksum_file = _on_disk(os.path.join(conf.customisation_layer, "checksum"), root)
-    try:
-        with open(checksum_file) as f:
-            custom_checksum = f.read().strip()
-    except OSError as e:
-        raise FastlayerError(f"cannot read {checksum_file}: {e.strerror}") from None
+    with u.open_regular(checksum_file, "customisation layer checksum") as f:
+        data = u.read_capped(f, f"customisation layer checksum {checksum_file}", 4096)
+    custom_checksum = data.decode("utf-8", "replace").strip()
+    layer_tar = _on_disk(os.path.join(conf.customisation_layer, "layer.tar"), root)
+    u.open_regular(layer_tar, "customisation layer").close()  # no fifo or device
     if not re.fullmatch(r"[0-9a-f]{64}", custom_checksum):
         raise FastlayerError(f"{checksum_file} does not hold a sha256: {custom_checksum[:80]!r}")
     base = _open_base(_on_disk(conf.from_image, root)) if conf.from_image else None
@@ -179,7 +208,8 @@ def _write_image(
     if isinstance(base, BaseArchive):
         # nixpkgs copies the base archive's layer entries as they are
         for ti, diff_id in zip(base.layers, base.diff_ids, strict=True):
-            out.add_tarinfo(ti, base.tar.extractfile(ti) if ti.isreg() else None)
+            src = Guarded(base.tar.extractfile(ti), f"base image {conf.from_image}: {ti.name}")  # type: ignore[arg-type]
+            out.add_tarinfo(ti, src)  # type: ignore[arg-type]
             layers.append(_Layer(re.sub(r"^sha256:", "", diff_id), ti.path, [ti.path]))
         base.close()
     elif base is not None:
@@ -208,7 +238,7 @@ def _write_image(
     if base is not None:
         base_env = (base.config.get("config") or {}).get("Env") or []
         if base_env or config.get("Env"):
-            config["Env"] = merge_env(base_env, config.get("Env", []))
+            config["Env"] = merge_env(base_env, config.get("Env") or [])
     created = conf.created.isoformat()
     image = {
         "created": created,

@@ -14,10 +14,14 @@ import json
 import os
 import tarfile
 
+from fastlayer import untrusted as u
 from fastlayer.errors import FastlayerError
 from fastlayer.sinks.compress import KINDS, kind_for
 from fastlayer.sinks.docker_archive import DockerArchiveWriter
 from fastlayer.sinks.docker_image import archive_writer
+from fastlayer.sources import schema
+from fastlayer.sources.base_image import Guarded, _Files
+from fastlayer.untrusted import Invalid
 
 _MERGED = ("manifest.json", "repositories")
 
@@ -40,12 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _norm(name: str) -> str:
-    while name.startswith("./"):
-        name = name[2:]
-    return name.lstrip("/")
-
-
 def _same(a: tarfile.TarInfo, b: tarfile.TarInfo) -> bool:
     return (a.type, a.size, a.linkname) == (b.type, b.size, b.linkname)
 
@@ -57,21 +55,17 @@ def merge(paths: list[str], out: DockerArchiveWriter) -> int:
     seen: dict[str, tuple[tarfile.TarInfo, str]] = {}
     mtime = 0
     for path in paths:
-        try:
-            tar = tarfile.open(path)
-        except (OSError, tarfile.TarError) as e:
-            raise FastlayerError(f"cannot read {path}: {e}") from None
-        with tar:
-            members = {_norm(m.name): m for m in tar.getmembers()}
-            if "manifest.json" not in members:
-                raise FastlayerError(f"{path} has no manifest.json: not a docker-archive")
-            mtime = max(mtime, members["manifest.json"].mtime)
-            manifest += _json(tar, members["manifest.json"], path)
-            if "repositories" in members:
-                for name, tags in _json(tar, members["repositories"], path).items():
-                    repositories.setdefault(name, {}).update(tags)
-            for ti in tar:
-                name = _norm(ti.name)
+        files = _Files(path)
+        if files.tar is None:
+            raise FastlayerError(f"{path} is a directory, not a docker-archive file")
+        with files.tar:
+            entries, repos = _check(files)
+            mtime = max(mtime, files.members["manifest.json"].mtime)
+            manifest += entries
+            for name, tags in repos.items():
+                repositories.setdefault(name, {}).update(tags)
+            for ti in files.tar.getmembers():
+                name = u.member_name(ti.name, f"image {path}: member")
                 if name in _MERGED:
                     continue
                 if name in seen:
@@ -82,24 +76,45 @@ def merge(paths: list[str], out: DockerArchiveWriter) -> int:
                         )
                     continue
                 seen[name] = (ti, path)
-                out.add_tarinfo(ti, tar.extractfile(ti) if ti.isreg() else None)
+                _copy(files, ti, out)
     out.add_bytes("manifest.json", json.dumps(manifest, indent=4).encode(), mtime)
     if repositories:
         out.add_bytes("repositories", json.dumps(repositories, indent=4).encode(), mtime)
     return len(manifest)
 
 
-def _json(tar: tarfile.TarFile, ti: tarfile.TarInfo, path: str):
-    f = tar.extractfile(ti)
-    try:
-        return json.load(f)  # type: ignore[arg-type]
-    except (ValueError, TypeError) as e:
-        raise FastlayerError(f"{path}: {ti.name} is not valid JSON: {e}") from None
+def _check(files: _Files) -> tuple[list[dict], dict[str, dict[str, str]]]:
+    """manifest.json and repositories checked, and every file they name a regular
+    member of this archive (possibly through links inside it)."""
+    if "manifest.json" not in files.members:
+        raise FastlayerError(f"{files.path} has no manifest.json: not a docker-archive")
+    where = files.where("manifest.json")
+    entries = schema.docker_manifest(files.json("manifest.json"), where, allow_empty=True)
+    for i, entry in enumerate(entries):
+        files.member(entry["Config"], f"{where}[{i}].Config")
+        for k, name in enumerate(entry["Layers"]):
+            files.member(name, f"{where}[{i}].Layers[{k}]")
+    repos: dict[str, dict[str, str]] = {}
+    if "repositories" in files.members:
+        repos = schema.repositories(files.json("repositories"), files.where("repositories"))
+    return entries, repos
+
+
+def _copy(files: _Files, ti: tarfile.TarInfo, out: DockerArchiveWriter) -> None:
+    """An entry copied as it is: a file, a directory, or a link to a regular
+    member of the same archive; never a device, fifo or a link leaving it."""
+    where = files.where(ti.name)
+    if ti.issym() or ti.islnk():
+        files.member(ti.name, where)  # must end at a regular member inside
+    elif not (ti.isreg() or ti.isdir()):
+        raise Invalid(f"{where}: is a device or fifo entry, which no image holds")
+    src = files.tar.extractfile(ti) if ti.isreg() else None  # type: ignore[union-attr]
+    out.add_tarinfo(ti, Guarded(src, where) if src is not None else None)  # type: ignore[arg-type]
 
 
 def run(args: argparse.Namespace) -> int:
     for path in args.archives:
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise FastlayerError(f"no such archive: {path}")
     with archive_writer(args.output, kind_for(args.output, args.compress)) as out:
         merge(args.archives, out)

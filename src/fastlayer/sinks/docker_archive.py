@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 from fastlayer._native.tarstream import LayerStream, pack_header
 from fastlayer.emit import StreamSource
+from fastlayer.errors import FastlayerError
 from fastlayer.model import LayerSource
 from fastlayer.sinks.spool import OrderedWriter, Spool, SpoolPool
 
@@ -74,8 +75,8 @@ class DockerArchiveWriter:
             left = ti.size
             while left:
                 chunk = src.read(min(left, 1 << 20))
-                if not chunk:
-                    raise OSError(f"unexpected end of data copying {ti.name}")
+                if not chunk:  # the source archive is truncated: a user error
+                    raise FastlayerError(f"unexpected end of data copying {ti.name}")
                 self.write(chunk)
                 left -= len(chunk)
             self.write(_pad(ti.size))

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
+import lzma
 import os
+import posixpath
+import stat
 import tarfile
+import zlib
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+from fastlayer import untrusted as u
 from fastlayer.errors import DigestMismatch, FastlayerError
 from fastlayer.model import MT_DOCKER_LIST, MT_OCI_INDEX, Image, Layer
+from fastlayer.sources import schema
+from fastlayer.untrusted import Invalid
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -37,49 +43,124 @@ def decompressed(raw: BinaryIO) -> BinaryIO:
     return buffered  # type: ignore[return-value]
 
 
+# Errors a damaged tar, gzip or zstd stream raises while it is read.
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    EOFError,
+    tarfile.TarError,
+    zlib.error,
+    lzma.LZMAError,
+)
+# symlink/hard link members followed at most this many hops (tar has no loop check)
+MAX_LINKS = 32
+
+
+def read_errors() -> tuple[type[BaseException], ...]:
+    import zstandard
+
+    return (*_READ_ERRORS, zstandard.ZstdError)
+
+
+class Guarded:
+    """A reader whose read failures (truncated or corrupt data) become one
+    FastlayerError naming what was being read."""
+
+    def __init__(self, f: BinaryIO, where: str):
+        self.f = f
+        self.where = where
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self.f.read(n)
+        except read_errors() as e:
+            raise FastlayerError(f"{self.where}: cannot read: {_reason(e)}") from None
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> Guarded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class _Files:
-    """Named files of an image, in a directory or inside a tar (./ prefixes ignored)."""
+    """Named files of an image, in a directory or inside a tar.
+
+    Every name is checked (untrusted.member_name) and must resolve to a
+    regular file of this image: inside the directory (symlinks followed only
+    while they stay inside), or a regular member of the tar (symlink and hard
+    link members followed only to other members, MAX_LINKS hops at most)."""
 
     def __init__(self, path: str):
         self.path = path
         self.tar: tarfile.TarFile | None = None
         self.members: dict[str, tarfile.TarInfo] = {}
-        if not os.path.isdir(path):
-            try:
-                self.tar = tarfile.open(path)
-            except (OSError, tarfile.TarError) as e:
-                raise FastlayerError(f"cannot read image {path}: {e}") from None
+        self.size = 0
+        st = _stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            return
+        if not stat.S_ISREG(st.st_mode):
+            raise Invalid(f"image {path}: is {u.file_kind(st.st_mode)}, not a file or directory")
+        raw = u.open_regular(path, "image")
+        self.size = os.fstat(raw.fileno()).st_size
+        try:
+            self.tar = tarfile.open(fileobj=raw)
             for m in self.tar.getmembers():
-                self.members.setdefault(_norm(m.name), m)
+                try:
+                    self.members[u.member_name(m.name, "")] = m
+                except Invalid:  # a name no manifest can reach: never read
+                    continue
+        except read_errors() as e:
+            raw.close()
+            raise FastlayerError(f"cannot read image {path}: {_reason(e)}") from None
+        self._raw = raw
+
+    def where(self, name: str) -> str:
+        return f"image {self.path}: {name}"
 
     def exists(self, name: str) -> bool:
         if self.tar is None:
-            return os.path.exists(os.path.join(self.path, name))
-        return _norm(name) in self.members
+            return os.path.lexists(os.path.join(self.path, name))
+        return name in self.members
 
-    def open(self, name: str) -> BinaryIO:
+    def member(self, name: str, where: str) -> tarfile.TarInfo:
+        """The regular member name resolves to, through links inside the archive."""
+        current = u.member_name(name, where)
+        for _ in range(MAX_LINKS):
+            m = self.members.get(current)
+            if m is None:
+                raise Invalid(f"{where}: {u.short(name)} is not in the archive")
+            if m.isreg():
+                return m
+            if not (m.issym() or m.islnk()):
+                kind = "a directory" if m.isdir() else "a device or fifo"
+                raise Invalid(f"{where}: {u.short(name)} is {kind}, not a regular file")
+            current = _link_target(m, where)
+        raise Invalid(f"{where}: {u.short(name)}: more than {MAX_LINKS} links (a loop?)")
+
+    def open(self, name: str, where: str | None = None) -> BinaryIO:
+        where = where or self.where(name)
         if self.tar is None:
-            try:
-                return open(os.path.join(self.path, name), "rb")
-            except OSError as e:
-                raise FastlayerError(
-                    f"image {self.path}: cannot read {name}: {e.strerror}"
-                ) from None
-        member = self.members.get(_norm(name))
-        f = self.tar.extractfile(member) if member is not None else None
-        if f is None:  # extractfile follows symlinks and hard links to the data
-            raise FastlayerError(f"image {self.path} has no file {name}")
+            return u.open_inside(self.path, name, where)
+        f = self.tar.extractfile(self.member(name, where))
+        assert f is not None  # a regular member always has a reader
         return f  # type: ignore[return-value]
 
-    def json(self, name: str) -> Any:
-        with self.open(name) as f:
-            try:
-                return json.load(f)
-            except ValueError as e:
-                raise FastlayerError(f"image {self.path}: {name} is not valid JSON: {e}") from None
+    def json(self, name: str, where: str | None = None) -> Any:
+        where = where or self.where(name)
+        with self.open(name, where) as f:
+            return u.read_json(Guarded(f, where), where)  # type: ignore[arg-type]
 
     def opener(self, name: str) -> Callable[[], BinaryIO]:
-        return lambda: decompressed(self.open(name))
+        where = self.where(name)
+        return lambda: Guarded(decompressed(self.open(name, where)), where)  # type: ignore[return-value]
 
     def layer(self, name: str, diff_id: str, comment: str) -> Layer:
         size, region = self.plain(name)
@@ -88,31 +169,46 @@ class _Files:
     def plain(self, name: str) -> tuple[int | None, tuple[str, int] | None]:
         """(size, (file, offset)) of a blob stored uncompressed, where known
         without reading it; (None, None) for a compressed one."""
-        with self.open(name) as f:
-            head = f.read(4)
+        where = self.where(name)
+        with self.open(name, where) as f:
+            head = Guarded(f, where).read(4)
         if head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC):
             return None, None
         if self.tar is None:
-            path = os.path.join(self.path, name)
+            path = u.resolve_inside(self.path, name, where)
             return os.path.getsize(path), (path, 0)
-        member = self.members[_norm(name)]
-        while member.issym() or member.islnk():  # extractfile followed these too
-            member = self.tar._find_link_target(member)  # noqa: SLF001
+        member = self.member(name, where)
         raw = type(self.tar.fileobj) is io.BufferedReader  # not a decompressing stream
+        if raw and member.offset_data + member.size > self.size:
+            raise FastlayerError(f"{where}: truncated (the archive ends inside it)")
         return member.size, (self.path, member.offset_data) if raw else None
 
 
-def _norm(name: str) -> str:
-    while name.startswith("./"):
-        name = name[2:]
-    return name.lstrip("/")
+def _stat(path: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except OSError as e:
+        raise FastlayerError(f"cannot read image {path}: {e.strerror}") from None
+
+
+def _link_target(m: tarfile.TarInfo, where: str) -> str:
+    """The member name a link member points to; it must stay inside the archive."""
+    if m.issym():  # relative to the link's directory
+        if m.linkname.startswith("/"):
+            raise Invalid(f"{where}: {m.name} links outside the archive ({u.short(m.linkname)})")
+        target = posixpath.normpath(posixpath.join(posixpath.dirname(m.name), m.linkname))
+    else:  # hard links name a member from the archive's root
+        target = m.linkname
+    if target == ".." or target.startswith("../") or target.startswith("/"):
+        raise Invalid(f"{where}: {m.name} links outside the archive ({u.short(m.linkname)})")
+    return u.member_name(target, where)
 
 
 def open_image(
     path: str, tag: str | None = None, os_name: str = "linux", arch: str | None = None
 ) -> Image:
     """Any supported base image at path; tag picks one image of several."""
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise FastlayerError(f"base image does not exist: {path}")
     files = _Files(path)
     if files.exists("oci-layout"):
@@ -127,58 +223,68 @@ def open_image(
 
 
 def _docker(files: _Files, tag: str | None) -> Image:
-    manifests = files.json("manifest.json")
-    if not isinstance(manifests, list) or not manifests:
-        raise FastlayerError(f"image {files.path}: manifest.json lists no image")
+    where = files.where("manifest.json")
+    manifests = schema.docker_manifest(files.json("manifest.json"), where)
     entry = _pick(files.path, manifests, tag, lambda m: m.get("RepoTags") or [])
-    config = files.json(entry["Config"])
-    diff_ids = config.get("rootfs", {}).get("diff_ids", [])
-    paths = entry.get("Layers", [])
-    if len(paths) != len(diff_ids):
-        raise FastlayerError(
-            f"image {files.path}: {len(paths)} layers but {len(diff_ids)} diff_ids in its config"
-        )
+    config = schema.image_config(files.json(entry["Config"]), files.where(entry["Config"]))
+    paths = entry["Layers"]
+    diff_ids = schema.diff_ids_match(len(paths), config, f"image {files.path}")
     layers = [files.layer(p, d, comment=p) for p, d in zip(paths, diff_ids, strict=True)]
     return Image(config, layers, list(entry.get("RepoTags") or []))
 
 
+# A v1 parent chain longer than this is no image (docker caps layers at 127).
+MAX_CHAIN = 1000
+
+
 def _legacy(files: _Files, tag: str | None) -> Image:
     """Docker image spec v1: a repositories file and a parent chain of layer dirs."""
-    repos = files.json("repositories")
+    repos = schema.repositories(files.json("repositories"), files.where("repositories"))
     choices = [(f"{name}:{t}", top) for name, tags in repos.items() for t, top in tags.items()]
     if not choices:
         raise FastlayerError(f"image {files.path}: repositories names no image")
     picked = _pick(files.path, choices, tag, lambda c: [c[0]])
     chain: list[str] = []
+    metas: list[dict] = []
     layer_id: str | None = picked[1]
     while layer_id:
         if layer_id in chain:
             raise FastlayerError(f"image {files.path}: parent chain loops at {layer_id}")
+        if len(chain) >= MAX_CHAIN:
+            raise FastlayerError(f"image {files.path}: parent chain longer than {MAX_CHAIN}")
         chain.append(layer_id)
-        layer_id = files.json(f"{layer_id}/json").get("parent")
+        where = files.where(f"{layer_id}/json")
+        meta = u.of_type(files.json(f"{layer_id}/json"), dict, where)
+        metas.append(meta)
+        parent = u.field(meta, "parent", (str, type(None)), where, default=None)
+        layer_id = schema.layer_dir(parent, f"{where}.parent") if parent else None
     chain.reverse()
-    top = files.json(f"{chain[-1]}/json")
+    top = metas[0]
     # v1 archives carry no diff_ids: hash each layer once, here.
     layers = []
     for layer_id in chain:
+        name = f"{layer_id}/layer.tar"
         h = hashlib.sha256()
         size = 0
-        with decompressed(files.open(f"{layer_id}/layer.tar")) as f:
+        with files.opener(name)() as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
                 size += len(chunk)
         diff_id = "sha256:" + h.hexdigest()
-        name = f"{layer_id}/layer.tar"
         layers.append(Layer(diff_id, files.opener(name), size, comment=name))
     config = {k: top[k] for k in ("created", "author", "architecture", "os", "variant") if k in top}
     config["config"] = top.get("config") or {}
     config["rootfs"] = {"type": "layers", "diff_ids": [x.diff_id for x in layers]}
+    schema.image_config(config, files.where(f"{chain[-1]}/json"))
     return Image(config, layers, [picked[0]])
 
 
+# Nested image indexes followed at most this deep.
+MAX_INDEX_DEPTH = 8
+
+
 def _oci(files: _Files, tag: str | None, os_name: str, arch: str | None) -> Image:
-    index = files.json("index.json")
-    manifests = index.get("manifests") or []
+    manifests = schema.oci_index(files.json("index.json"), files.where("index.json"))
     if not manifests:
         raise FastlayerError(f"image {files.path}: index.json lists no manifest")
 
@@ -191,21 +297,30 @@ def _oci(files: _Files, tag: str | None, os_name: str, arch: str | None) -> Imag
     )
     desc = _pick(files.path, manifests, want, names)
     manifest = _blob_json(files, desc)
-    while manifest.get("mediaType") in (MT_OCI_INDEX, MT_DOCKER_LIST) or "manifests" in manifest:
-        desc = _platform(files.path, manifest.get("manifests") or [], os_name, arch)
+    for _ in range(MAX_INDEX_DEPTH):
+        if not _is_index(manifest):
+            break
+        where = files.where(u.blob_path(desc["digest"], ""))
+        desc = _platform(files.path, schema.oci_index(manifest, where), os_name, arch)
         manifest = _blob_json(files, desc)
-    config = _blob_json(files, manifest["config"])
-    diff_ids = config.get("rootfs", {}).get("diff_ids", [])
-    descs = manifest.get("layers") or []
-    if len(descs) != len(diff_ids):
-        raise FastlayerError(
-            f"image {files.path}: {len(descs)} layers but {len(diff_ids)} diff_ids in its config"
-        )
+    else:
+        raise FastlayerError(f"image {files.path}: image indexes nested too deeply")
+    where = files.where(u.blob_path(desc["digest"], ""))
+    config_desc, descs = schema.oci_manifest(manifest, where)
+    config_where = files.where(u.blob_path(config_desc["digest"], ""))
+    config = schema.image_config(_blob_json(files, config_desc), config_where)
+    diff_ids = schema.diff_ids_match(len(descs), config, f"image {files.path}")
     layers = [
-        files.layer(_blob_path(x["digest"]), d, comment=x["digest"])
+        files.layer(u.blob_path(x["digest"], ""), d, comment=x["digest"])
         for x, d in zip(descs, diff_ids, strict=True)
     ]
     return Image(config, layers, names(desc))
+
+
+def _is_index(doc: object) -> bool:
+    return isinstance(doc, dict) and (
+        doc.get("mediaType") in (MT_OCI_INDEX, MT_DOCKER_LIST) or "manifests" in doc
+    )
 
 
 def _all(items: list, names: Callable[[Any], list[str]]) -> list[str]:
@@ -243,15 +358,15 @@ def _host_arch() -> str:
     return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(machine, machine)
 
 
-def _blob_path(digest: str) -> str:
-    algo, _, hexpart = digest.partition(":")
-    return f"blobs/{algo}/{hexpart}"
-
-
 def _blob_json(files: _Files, desc: dict) -> Any:
-    """A small JSON blob, checked against its descriptor's digest."""
-    with files.open(_blob_path(desc["digest"])) as f:
-        data = f.read()
-    if "sha256:" + hashlib.sha256(data).hexdigest() != desc["digest"]:
-        raise DigestMismatch(f"image {files.path}: blob {desc['digest']} does not match its digest")
-    return json.loads(data)
+    """A small JSON blob, checked against its descriptor's size and digest."""
+    name = u.blob_path(desc["digest"], files.where("descriptor"))
+    where = files.where(name)
+    if desc["size"] > u.MAX_JSON:
+        raise Invalid(f"{where}: descriptor size {desc['size']} is over {u.MAX_JSON} bytes")
+    with files.open(name, where) as f:
+        data = u.read_capped(Guarded(f, where), where)  # type: ignore[arg-type]
+    algo, _, hexpart = desc["digest"].partition(":")
+    if hashlib.new(algo, data).hexdigest() != hexpart or len(data) != desc["size"]:
+        raise DigestMismatch(f"{where}: does not match its descriptor's digest and size")
+    return u.parse_json(data, where)
