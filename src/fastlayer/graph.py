@@ -15,7 +15,6 @@ ascending id order. Every error is one line naming the culprit.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from fastlayer import untrusted
 from fastlayer.errors import FastlayerError
+from fastlayer.untrusted import MAX_INT, short
 
 DEFAULT_STORE_DIR = "/nix/store"
 
@@ -125,22 +126,24 @@ class ClosureGraph:
         n = len(names)
         if not set(map(type, names)) <= {str}:
             bad = next(p for p in names if type(p) is not str)
-            raise FastlayerError(f"{source}: bad path {bad!r}")
+            raise FastlayerError(f"{source}: bad path {short(bad)}")
         index = dict(zip(names, range(n), strict=True))
         if len(index) != n:
             seen: set[str] = set()
             dup = next(p for p in names if p in seen or seen.add(p))  # type: ignore[func-returns-value]
             raise FastlayerError(f"{source}: duplicate path {dup}")
-        _check_store_dir(names, store_dir, source)
+        _check_store_dir(names, index, store_dir, source)
         if not set(map(type, refs)) <= {list, tuple}:
             bad_i = next(i for i, r in enumerate(refs) if type(r) not in (list, tuple))
             raise FastlayerError(f"{source}: bad references for {names[bad_i]}")
-        nar_size = _int_column(sizes, "narSize", names, source, default=0)
+        nar_size = _int_column(sizes, "narSize", names, source, default=0, total=True)
         closure_size = (
             _int_column(closures, "closureSize", names, source)
             if n and None not in closures
             else None
         )
+        hashes = _str_column(hashes, "narHash", names, source)
+        derivers = _str_column(derivers, "deriver", names, source)
 
         counts = np.fromiter(map(len, refs), dtype=np.int64, count=n)
         try:
@@ -157,7 +160,7 @@ class ClosureGraph:
             indptr=indptr,
             indices=indices,
             nar_size=nar_size,
-            nar_hash=[h if type(h) is str else None for h in hashes],
+            nar_hash=hashes,
             closure_size=closure_size,
             deriver=list(derivers) if any(d is not None for d in derivers) else None,
             store_dir=store_dir,
@@ -168,17 +171,43 @@ class ClosureGraph:
 
 
 def _int_column(
-    values: Sequence[int | None], what: str, names: list[str], source: str, default: int = 0
+    values: Sequence[int | None],
+    what: str,
+    names: list[str],
+    source: str,
+    default: int = 0,
+    total: bool = False,
 ) -> np.ndarray:
-    """An int64 column; a missing value is `default`, anything else not a
-    non-negative int is an error naming its path."""
+    """An int64 column; a missing value is `default`, anything else not an int
+    in [0, 2^63) is an error naming its path. total: the sum must fit as well
+    (plans and layers add these up in int64)."""
     vals = [default if v is None else v for v in values]
     if set(map(type, vals)) <= {int}:
-        arr = np.array(vals, dtype=np.int64) if vals else np.zeros(0, dtype=np.int64)
-        if not len(arr) or arr.min() >= 0:
-            return arr
-    i = next(i for i, v in enumerate(vals) if type(v) is not int or v < 0)
-    raise FastlayerError(f"{source}: bad {what} {vals[i]!r} for {names[i]}")
+        try:
+            arr = np.array(vals, dtype=np.int64) if vals else np.zeros(0, dtype=np.int64)
+        except OverflowError:  # past 2^63: found below
+            arr = None
+        if arr is not None and (not len(arr) or arr.min() >= 0):
+            # max * n bounds the sum cheaply; only near the limit add exactly
+            if not total or not len(arr) or int(arr.max()) * len(arr) <= MAX_INT:
+                return arr
+            if sum(vals) <= MAX_INT:
+                return arr
+            raise FastlayerError(f"{source}: the {what} values add up to more than 2^63 bytes")
+    i = next(i for i, v in enumerate(vals) if type(v) is not int or not 0 <= v <= MAX_INT)
+    raise FastlayerError(f"{source}: bad {what} {short(vals[i], 40)} for {names[i]}")
+
+
+def _str_column(
+    values: Sequence[str | None], what: str, names: list[str], source: str
+) -> list[str | None]:
+    """A column of optional strings; any other type is an error naming its path
+    (these go into Nix databases as they are)."""
+    vals = list(values)
+    if not set(map(type, vals)) <= {str, type(None)}:
+        i = next(i for i, v in enumerate(vals) if v is not None and type(v) is not str)
+        raise FastlayerError(f"{source}: bad {what} {short(vals[i], 40)} for {names[i]}")
+    return vals
 
 
 def _bad_reference(
@@ -187,25 +216,35 @@ def _bad_reference(
     for path, references in zip(names, refs, strict=True):
         for ref in references:
             if type(ref) is not str:
-                return FastlayerError(f"{source}: bad reference {ref!r} (from {path})")
+                return FastlayerError(f"{source}: bad reference {short(ref)} (from {path})")
             if ref not in index:
                 return FastlayerError(f"{source}: dangling reference {ref} (from {path})")
     return FastlayerError(f"{source}: bad references")
 
 
-def _check_store_dir(names: list[str], store_dir: str, source: str) -> None:
+def _check_store_dir(names: list[str], index: dict[str, int], store_dir: str, source: str) -> None:
+    """Every path is one name right under the store dir: not the dir itself, not
+    `.` or `..` (which would archive the host's /nix), no control character (a
+    newline would corrupt a Nix database or registration); C-level passes only."""
     prefix = store_dir.rstrip("/") + "/"
     depth = prefix.count("/")
     ok = (
         all(map(str.startswith, names, repeat(prefix)))
         and sum(map(str.count, names, repeat("/"))) == depth * len(names)
         and min(map(len, names), default=len(prefix) + 1) > len(prefix)
+        and prefix + "." not in index
+        and prefix + ".." not in index
+        and all(map(str.isprintable, names))
     )
     if ok:
         return
     for name in names:
-        if not name.startswith(prefix) or "/" in name[len(prefix) :] or name == prefix:
-            raise FastlayerError(f"{source}: path outside the store dir {store_dir}: {name}")
+        base = name[len(prefix) :]
+        shown = name if name.isprintable() else short(name)
+        if not name.startswith(prefix) or "/" in base or base in ("", ".", ".."):
+            raise FastlayerError(f"{source}: path outside the store dir {store_dir}: {shown}")
+        if not name.isprintable():
+            raise FastlayerError(f"{source}: bad path {short(name)}")
 
 
 def _check_acyclic(graph: ClosureGraph, source: str) -> None:
@@ -243,15 +282,11 @@ def load_graph(
     name = str(source)
     if path.is_dir():
         return _load_closure_info(path, store_dir or default_store_dir())
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise FastlayerError(f"malformed JSON in {name}: {e}") from None
-    except UnicodeDecodeError as e:
-        raise FastlayerError(f"malformed JSON in {name}: {e}") from None
-    except OSError as e:
-        raise FastlayerError(f"cannot read graph {name}: {e.strerror}") from None
+    # No size cap (real graphs pass 80 MB), but a fifo or device is refused by
+    # type; no depth walk either: the loader checks every value's type anyway.
+    with untrusted.open_regular(name, "graph") as f:
+        raw = f.read()
+    data = untrusted.parse_json(raw, f"malformed JSON in {name}", max_depth=None)
     return graph_from_json(data, key=key, store_dir=store_dir, source=name)
 
 
@@ -301,9 +336,9 @@ def default_store_dir() -> str:
 
 def _int_field(node: dict[str, Any], name: str, path: str, source: str) -> int | None:
     v = node.get(name)
-    if v is None or (type(v) is int and v >= 0):
+    if v is None or (type(v) is int and 0 <= v <= MAX_INT):
         return v
-    raise FastlayerError(f"{source}: bad {name} {v!r} for {path}")
+    raise FastlayerError(f"{source}: bad {name} {short(v, 40)} for {path}")
 
 
 def _node(path: Any, node: Any, store_dir: str, source: str, base_names: bool) -> Node:
@@ -318,10 +353,10 @@ def _node(path: Any, node: Any, store_dir: str, source: str, base_names: bool) -
     refs = node.get("references", [])
     if type(refs) is not list:
         raise FastlayerError(f"{source}: bad references for {path}")
-    if base_names and refs and not all(r.startswith("/") for r in refs):
-        # Newer Nix JSON gives store paths as base names.
-        refs = [r if r.startswith("/") else f"{store_dir}/{r}" for r in refs]
-    nar_hash = node.get("narHash")
+    if base_names and refs and not all(type(r) is str and r.startswith("/") for r in refs):
+        # Newer Nix JSON gives store paths as base names (a non-string is
+        # reported when references are looked up).
+        refs = [f"{store_dir}/{r}" if type(r) is str and r[:1] != "/" else r for r in refs]
     deriver = node.get("deriver")
     if base_names and type(deriver) is str and deriver and not deriver.startswith("/"):
         deriver = f"{store_dir}/{deriver}"
@@ -329,9 +364,9 @@ def _node(path: Any, node: Any, store_dir: str, source: str, base_names: bool) -
         path,
         refs,
         _int_field(node, "narSize", path, source) or 0,
-        nar_hash if type(nar_hash) is str else None,
+        node.get("narHash"),
         _int_field(node, "closureSize", path, source),
-        deriver if type(deriver) is str and deriver else None,
+        deriver or None,
     )
 
 
@@ -341,7 +376,7 @@ def _from_node_list(data: list[Any], store_dir: str | None, source: str) -> Clos
     sd = store_dir or default_store_dir()
     if not set(map(type, data)) <= {dict} or not all(map(dict.__contains__, data, repeat("path"))):
         bad = next(x for x in data if type(x) is not dict or "path" not in x)
-        raise FastlayerError(f"{source}: expected objects with a 'path', got {bad!r:.80}")
+        raise FastlayerError(f"{source}: expected objects with a 'path', got {short(bad)}")
     if any(x.get("valid") is False for x in data):
         bad = next(x for x in data if x.get("valid") is False)
         raise FastlayerError(f"{source}: path is not valid: {bad['path']}")
@@ -366,11 +401,8 @@ def _from_path_info_dict(data: dict[str, Any], store_dir: str | None, source: st
 
 def _load_closure_info(path: Path, store_dir: str) -> ClosureGraph:
     source = str(path)
-    try:
-        store_paths = (path / "store-paths").read_text().split()
-        lines = (path / "registration").read_text().split("\n")
-    except OSError as e:
-        raise FastlayerError(f"{source}: not a closureInfo directory: {e.strerror}") from None
+    store_paths = _read_text(path / "store-paths", source).split()
+    lines = _read_text(path / "registration", source).split("\n")
     nodes = list(_parse_registration(lines, source))
     registered = {n[0] for n in nodes}
     for p in store_paths:
@@ -381,6 +413,18 @@ def _load_closure_info(path: Path, store_dir: str) -> ClosureGraph:
         if extra is not None:
             raise FastlayerError(f"{source}: {extra} is registered but not in store-paths")
     return ClosureGraph.from_nodes(nodes, store_dir=store_dir, source=source)
+
+
+def _read_text(file: Path, source: str) -> str:
+    """A closureInfo file: a regular file (a fifo would block), UTF-8 text."""
+    if not file.exists():
+        raise FastlayerError(f"{source}: not a closureInfo directory: no {file.name}")
+    with untrusted.open_regular(str(file), "closureInfo file") as f:
+        raw = f.read()
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        raise FastlayerError(f"{source}: {file.name} is not UTF-8 text: {e}") from None
 
 
 def _parse_registration(lines: list[str], source: str) -> Iterable[Node]:
