@@ -230,7 +230,7 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     "patch,expected",
     [
         ({"colour": "red"}, "unknown key(s) colour"),
-        ({"max_layers": "ten"}, "max_layers has the wrong type"),
+        ({"max_layers": "ten"}, "max_layers: must be an integer"),
         ({"name": "Bad Name"}, "is not a valid image name"),
         ({"config": {"Cmdd": []}}, "unknown config key 'Cmdd'"),
         ({"contents": {"roots": ["/does/not/exist"]}}, "path does not exist: /does/not/exist"),

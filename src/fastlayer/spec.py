@@ -1,21 +1,36 @@
 """Image specs: a TOML/JSON file or a dict -> validated dataclasses.
 
-Every problem is a FastlayerError of one line naming the key (and file).
+Every problem is one line (untrusted.Invalid) naming the spec file and the key.
 Relative paths in a spec file are relative to the file's directory.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
-from fastlayer.errors import FastlayerError
+from fastlayer import untrusted
+from fastlayer.untrusted import Invalid, short
 
 DEFAULT_TIME = "1970-01-01T00:00:01Z"
+# A spec is a few KiB; the cap only stops a spec that is /dev/zero-like.
+MAX_SPEC = 16 << 20
+# uid_t/gid_t are 32 bits and 2^32-1 is (uid_t)-1, "leave unchanged" to chown.
+MAX_ID = (1 << 32) - 2
+# Far above what registries and overlayfs take (~128 to 500 layers), low enough
+# that a typo like 1e9 is caught here rather than in per-layer arrays.
+MAX_LAYERS = 10000
+# Layer times: tar's octal mtime cannot hold a negative one (fastlayer's header
+# writer would fall back to a pax record few readers take), and
+# datetime ends at year 9999.
+EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
+# fastlayer.plan.STRATEGIES (defined here so specs load without numpy).
+STRATEGIES = ("popularity", "limit", "auto", "pipeline", "stable")
 CONFIG_KEYS = {
     "Cmd": list, "Entrypoint": list, "Env": list, "WorkingDir": str, "User": str,
     "ExposedPorts": dict, "Volumes": dict, "Labels": dict, "StopSignal": str,
@@ -61,7 +76,7 @@ class Spec:
     previous_plan: str | None = None
     from_image: str | None = None
     from_image_tag: str | None = None
-    verify_base: bool = False  # re-hash base layers as they are copied
+    verify_base: bool = True  # hash base layers as they are copied (False trusts diff_ids)
     nix_db: bool = False  # register the closure in /nix/var/nix/db (includeNixDB)
     nix_uid: int = 0
     nix_gid: int = 0
@@ -97,9 +112,22 @@ class Spec:
 
 
 _NAME = re.compile(
-    r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$"
+    r"(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
 )
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_OCTAL = re.compile(r"(?:0o)?[0-7]{1,5}")
+
+# Types of the top-level scalar keys (contents, config, fake_nss, permissions
+# and pipeline are checked on their own).
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "name": str, "tag": (str, type(None)), "include_store_paths": bool, "max_layers": int,
+    "strategy": str, "previous_plan": (str, type(None)), "from_image": (str, type(None)),
+    "from_image_tag": (str, type(None)), "verify_base": bool, "nix_db": bool,
+    "nix_uid": int, "nix_gid": int, "config": dict, "architecture": str, "os": str,
+    "variant": (str, type(None)), "created": str, "mtime": str, "uid": int, "gid": int,
+    "uname": str, "gname": str, "extra_commands": (str, type(None)), "compression": str,
+    "store_dir": str, "store_root": (str, type(None)),
+}  # fmt: skip
 
 
 def load_spec(source: str | os.PathLike[str] | dict[str, Any] | Spec) -> Spec:
@@ -109,131 +137,250 @@ def load_spec(source: str | os.PathLike[str] | dict[str, Any] | Spec) -> Spec:
     if isinstance(source, dict):
         return _from_dict(source, "spec", base_dir=os.getcwd())
     path = os.fspath(source)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise FastlayerError(f"cannot read spec {path}: {e.strerror}") from None
-    try:
-        if path.endswith(".json"):
-            data = json.loads(raw)
-        else:
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
-            data = tomllib.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FastlayerError(f"spec {path} is not valid {_kind(path)}: {e}") from None
+    where = f"spec {path}"
+    with untrusted.open_regular(path, "spec") as f:  # a fifo or device is refused, not read
+        raw = untrusted.read_capped(f, where, MAX_SPEC)
+    data = _parse(raw, path, where)
     if not isinstance(data, dict):
-        raise FastlayerError(f"spec {path}: expected a table/object at the top")
-    return _from_dict(data, path, base_dir=os.path.dirname(os.path.abspath(path)))
+        raise Invalid(f"{where}: expected a table/object at the top")
+    return _from_dict(data, where, base_dir=os.path.dirname(os.path.abspath(path)))
 
 
-def _kind(path: str) -> str:
-    return "JSON" if path.endswith(".json") else "TOML"
+def _parse(raw: bytes, path: str, where: str) -> Any:
+    if path.endswith(".json"):
+        return untrusted.parse_json(raw, where)
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise Invalid(f"{where}: TOML nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Invalid(f"{where} is not valid TOML: {e}") from None
 
 
 def _from_dict(data: dict[str, Any], where: str, base_dir: str) -> Spec:
+    """A dict as read from a file: keys checked, relative paths made absolute,
+    octal mode strings and epoch times converted; then `_check`."""
     data = dict(data)
     known = {f.name for f in fields(Spec)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
-        raise FastlayerError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        raise Invalid(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
     if "name" not in data:
-        raise FastlayerError(f"{where}: missing key 'name'")
-    contents = data.pop("contents", {}) or {}
-    if isinstance(contents, list):  # shorthand: a list of store paths
-        contents = {"store_paths": contents}
-    c_known = {f.name for f in fields(Contents)}
-    if not isinstance(contents, dict):
-        raise FastlayerError(f"{where}: contents must be a table")
-    if set(contents) - c_known:
-        bad = ", ".join(sorted(set(contents) - c_known))
-        raise FastlayerError(f"{where}: unknown key(s) in contents: {bad}")
-    spec_contents = Contents(**contents)
-    for key in ("roots", "files"):
-        setattr(spec_contents, key, [_abs(p, base_dir) for p in getattr(spec_contents, key)])
-    if spec_contents.graph:
-        spec_contents.graph = _abs(spec_contents.graph, base_dir)
-    nss = data.pop("fake_nss", None)
-    fake = None
-    if nss is True:
-        fake = FakeNss()
-    elif isinstance(nss, dict):
-        if set(nss) - {"passwd", "group"}:
-            raise FastlayerError(f"{where}: fake_nss takes only passwd and group lines")
-        fake = FakeNss(**nss)
-    elif nss not in (None, False):
-        raise FastlayerError(f"{where}: fake_nss must be true, false or a table")
-    perms = []
-    for i, rule in enumerate(data.pop("permissions", []) or []):
-        if not isinstance(rule, dict) or "path" not in rule:
-            raise FastlayerError(f"{where}: permissions[{i}] needs a 'path'")
-        if set(rule) - {"path", "uid", "gid", "mode"}:
-            raise FastlayerError(f"{where}: permissions[{i}] takes path, uid, gid and mode")
-        mode = rule.get("mode")
-        if isinstance(mode, str):
-            try:
-                mode = int(mode, 8)
-            except ValueError:
-                raise FastlayerError(
-                    f"{where}: permissions[{i}].mode {mode!r} is not octal"
-                ) from None
-        perms.append(Permission(rule["path"], rule.get("uid"), rule.get("gid"), mode))
+        raise Invalid(f"{where}: missing key 'name'")
+    contents = _contents(data.pop("contents", None), where, base_dir)
+    fake = _fake_nss(data.pop("fake_nss", None), where)
+    perms = untrusted.each(
+        data.pop("permissions", None) or [], f"{where}: permissions", _permission
+    )
     for key in ("from_image", "previous_plan", "store_root"):
         if data.get(key):
-            data[key] = _abs(data[key], base_dir)
+            data[key] = _abs(data[key], f"{where}: {key}", base_dir)
     for key in ("created", "mtime"):
-        if isinstance(data.get(key), int | float) and not isinstance(data.get(key), bool):
-            data[key] = datetime.fromtimestamp(data[key], tz=timezone.utc).isoformat()
-    spec = Spec(**data, contents=spec_contents, fake_nss=fake, permissions=perms)
+        if key in data:
+            data[key] = _time_text(data[key], f"{where}: {key}")
+    spec = Spec(**data, contents=contents, fake_nss=fake, permissions=perms)
     return _check(spec, where)
 
 
-def _abs(path: str, base_dir: str) -> str:
-    if not isinstance(path, str):
-        raise FastlayerError(f"expected a path string, got {path!r}")
+def _contents(value: Any, where: str, base_dir: str) -> Contents:
+    if value is None:
+        return Contents()
+    if isinstance(value, list):  # shorthand: a list of store paths
+        value = {"store_paths": value}
+    value = untrusted.of_type(value, dict, f"{where}: contents")
+    bad = sorted(set(value) - {f.name for f in fields(Contents)}, key=str)
+    if bad:
+        raise Invalid(f"{where}: unknown key(s) in contents: {', '.join(map(str, bad))}")
+    c = Contents(**value)
+    for key in ("store_paths", "roots", "files"):
+        items = untrusted.str_list(getattr(c, key), f"{where}: contents.{key}")
+        if key != "store_paths":
+            items = [_abs(p, f"{where}: contents.{key}", base_dir) for p in items]
+        setattr(c, key, items)
+    if c.graph is not None:
+        c.graph = _abs(c.graph, f"{where}: contents.graph", base_dir)
+    return c
+
+
+def _fake_nss(value: Any, where: str) -> FakeNss | None:
+    if value is True:
+        return FakeNss()
+    if value is None or value is False:
+        return None
+    if not isinstance(value, dict):
+        raise Invalid(f"{where}: fake_nss must be true, false or a table, not {short(value)}")
+    nss = value
+    if set(nss) - {"passwd", "group"}:
+        raise Invalid(f"{where}: fake_nss takes only passwd and group lines")
+    return FakeNss(**nss)
+
+
+def _permission(rule: Any, where: str) -> Permission:
+    """One permissions entry; `where` is "<spec>: permissions[i]"."""
+    rule = untrusted.of_type(rule, dict, where)
+    if "path" not in rule:
+        raise Invalid(f"{where} needs a 'path'")
+    if set(rule) - {"path", "uid", "gid", "mode"}:
+        raise Invalid(f"{where} takes path, uid, gid and mode")
+    mode = rule.get("mode")
+    if mode is not None:
+        mode = _mode(mode, f"{where}.mode")
+    return Permission(rule["path"], rule.get("uid"), rule.get("gid"), mode)
+
+
+def _mode(value: Any, where: str) -> int:
+    """An octal string ("0750", "750", "0o750") as an int. An integer is refused:
+    TOML and JSON read 750 as decimal, which is not the mode anyone means."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise Invalid(
+            f'{where}: write the mode as an octal string such as "0700" '
+            f"(the integer {value} is 0o{value:o})"
+        )
+    text = untrusted.of_type(value, str, where)
+    if not _OCTAL.fullmatch(text) or int(text, 8) > 0o7777:
+        raise Invalid(f"{where}: {short(text)} is not an octal mode within 0..07777")
+    return int(text, 8)
+
+
+def _time_text(value: Any, where: str) -> Any:
+    """Epoch seconds given as a number, as the text `parse_time` reads; other
+    values are left for `_check` to judge."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return value
+    if not (math.isfinite(value) and EARLIEST.timestamp() <= value <= LATEST.timestamp()):
+        raise Invalid(f"{where}: {short(value, 40)} is not a time in 1970..9999")
+    return datetime.fromtimestamp(value, tz=timezone.utc).isoformat()
+
+
+def _abs(path: Any, where: str, base_dir: str) -> str:
+    path = _path(path, where)
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
 
 
-def _check(spec: Spec, where: str) -> Spec:
-    def bad(msg: str) -> FastlayerError:
-        return FastlayerError(f"{where}: {msg}")
+def _path(value: Any, where: str) -> str:
+    text = untrusted.of_type(value, str, where)
+    if "\0" in text or not text:
+        raise Invalid(f"{where}: not a usable path: {short(text)}")
+    return text
 
-    types: dict[str, type | tuple[type, ...]] = {
-        "name": str, "tag": (str, type(None)), "include_store_paths": bool, "max_layers": int,
-        "verify_base": bool, "nix_db": bool, "nix_uid": int, "nix_gid": int,
-        "strategy": str, "architecture": str, "os": str, "variant": (str, type(None)),
-        "created": str, "mtime": str, "uid": int, "gid": int, "uname": str, "gname": str,
-        "extra_commands": (str, type(None)), "compression": str, "config": dict,
-        "from_image": (str, type(None)), "store_dir": str, "store_root": (str, type(None)),
-    }  # fmt: skip
-    for key, typ in types.items():
-        value = getattr(spec, key)
-        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise bad(f"{key} has the wrong type ({type(value).__name__}: {value!r})")
-    if not _NAME.match(spec.name):
+
+def _check(spec: Spec, where: str) -> Spec:
+    """Every field's type and range, then what must exist on disk."""
+    for key, typ in _TYPES.items():
+        untrusted.of_type(getattr(spec, key), typ, f"{where}: {key}")
+    _check_values(spec, where)
+    _check_config(spec.config, f"{where}: config")
+    _check_contents(spec, where)
+    _check_paths(spec, where)
+    return spec
+
+
+def _check_values(spec: Spec, where: str) -> None:
+    def bad(msg: str) -> Invalid:
+        return Invalid(f"{where}: {msg}")
+
+    if not _NAME.fullmatch(spec.name):
         raise bad(f"name {spec.name!r} is not a valid image name (lowercase, [registry/]path)")
-    if spec.tag is not None and not _TAG.match(spec.tag):
+    if spec.tag is not None and not _TAG.fullmatch(spec.tag):
         raise bad(f"tag {spec.tag!r} is not a valid tag")
-    if spec.max_layers < 1:
-        raise bad(f"max_layers must be at least 1, got {spec.max_layers}")
+    untrusted.integer(spec.max_layers, f"{where}: max_layers", 1, MAX_LAYERS)
+    for key in ("uid", "gid", "nix_uid", "nix_gid"):
+        untrusted.integer(getattr(spec, key), f"{where}: {key}", 0, MAX_ID)
+    if spec.strategy not in STRATEGIES:
+        raise bad(f"strategy must be one of {', '.join(STRATEGIES)}, not {short(spec.strategy)}")
     if spec.compression not in COMPRESSIONS:
         raise bad(f"compression must be one of {', '.join(COMPRESSIONS)}")
-    for key, value in spec.config.items():
-        typ = CONFIG_KEYS.get(key)
-        if typ is None:
-            raise bad(f"unknown config key {key!r} (known: {', '.join(CONFIG_KEYS)})")
-        if not isinstance(value, typ):
-            raise bad(f"config.{key} must be a {typ.__name__}")
     for key in ("created", "mtime"):
         parse_time(getattr(spec, key), f"{where}: {key}")
-    for p in spec.contents.store_paths:
-        if not isinstance(p, str) or not p.startswith(spec.store_dir.rstrip("/") + "/"):
-            raise bad(f"store path {p!r} is not under store_dir {spec.store_dir}")
-    if spec.contents.store_paths and spec.include_store_paths and not spec.contents.graph:
-        raise bad("contents.store_paths needs contents.graph (their closure graph)")
+    for key in ("uname", "gname", "extra_commands", "architecture", "os", "variant"):
+        value = getattr(spec, key)
+        if value is not None and "\0" in value:
+            raise bad(f"{key} holds a NUL character")
+    if not spec.store_dir.startswith("/") or "\0" in spec.store_dir:
+        raise bad(f"store_dir must be an absolute path, not {short(spec.store_dir)}")
+    for key in ("from_image", "previous_plan", "store_root"):
+        if getattr(spec, key):  # "" is read as not given
+            _path(getattr(spec, key), f"{where}: {key}")
+    if spec.fake_nss is not None:
+        untrusted.of_type(spec.fake_nss, FakeNss, f"{where}: fake_nss")
+        for key in ("passwd", "group"):
+            for i, line in enumerate(
+                untrusted.str_list(getattr(spec.fake_nss, key), f"{where}: fake_nss.{key}")
+            ):
+                if "\n" in line or "\0" in line:
+                    raise bad(f"fake_nss.{key}[{i}]: one line each, without newlines")
+    untrusted.each(spec.permissions, f"{where}: permissions", _check_permission)
+
+
+def _check_permission(p: Any, where: str) -> None:
+    untrusted.of_type(p, Permission, where)
+    _path(p.path, f"{where}.path")
+    for key in ("uid", "gid"):
+        if getattr(p, key) is not None:
+            untrusted.integer(getattr(p, key), f"{where}.{key}", 0, MAX_ID)
+    if p.mode is not None:
+        untrusted.integer(p.mode, f"{where}.mode", 0, 0o7777)
+
+
+def _check_config(config: dict[str, Any], where: str) -> None:
+    """The keys fastlayer writes into the image config, with the types the
+    image spec gives them (a wrong one makes an image other tools refuse)."""
+    for key, value in config.items():
+        typ = CONFIG_KEYS.get(key)
+        if typ is None:
+            raise Invalid(f"{where}: unknown config key {key!r} (known: {', '.join(CONFIG_KEYS)})")
+        at = f"{where}.{key}"
+        untrusted.of_type(value, typ, at)
+        if key in ("Cmd", "Entrypoint", "Env", "OnBuild", "Shell"):
+            untrusted.str_list(value, at)
+        elif key == "Labels":
+            untrusted.str_dict(value, at)
+        elif key in ("ExposedPorts", "Volumes"):
+            for k, v in value.items():
+                if v != {}:
+                    raise Invalid(f"{at}[{k!r}]: must be an empty table {{}}, not {short(v)}")
+        elif key == "Healthcheck":
+            _check_healthcheck(value, at)
+    for i, entry in enumerate(config.get("Env") or []):
+        if not entry.partition("=")[0] or "\0" in entry:
+            raise Invalid(f"{where}.Env[{i}]: not NAME=value: {short(entry)}")
+
+
+def _check_healthcheck(value: dict[str, Any], where: str) -> None:
+    durations = ("Interval", "Timeout", "StartPeriod", "StartInterval", "Retries")
+    for k, v in value.items():
+        if k == "Test":
+            untrusted.str_list(v, f"{where}.Test")
+        elif k in durations:
+            untrusted.integer(v, f"{where}.{k}")
+        else:
+            raise Invalid(f"{where}: unknown key {k!r} (known: Test, {', '.join(durations)})")
+
+
+def _check_contents(spec: Spec, where: str) -> None:
+    c = untrusted.of_type(spec.contents, Contents, f"{where}: contents")
+    for key in ("store_paths", "roots", "files"):
+        for i, p in enumerate(untrusted.str_list(getattr(c, key), f"{where}: contents.{key}")):
+            _path(p, f"{where}: contents.{key}[{i}]")
+    untrusted.of_type(c.graph, (str, type(None)), f"{where}: contents.graph")
+    untrusted.of_type(c.link_store_paths, bool, f"{where}: contents.link_store_paths")
+    for p in c.store_paths:
+        if not p.startswith(spec.store_dir.rstrip("/") + "/"):
+            raise Invalid(f"{where}: store path {p!r} is not under store_dir {spec.store_dir}")
+    if c.store_paths and spec.include_store_paths and not c.graph:
+        raise Invalid(f"{where}: contents.store_paths needs contents.graph (their closure graph)")
+
+
+def _check_paths(spec: Spec, where: str) -> None:
+    """What the spec names on disk exists (its type is checked when it is read)."""
+
+    def bad(msg: str) -> Invalid:
+        return Invalid(f"{where}: {msg}")
+
     on_disk = [spec.on_disk(p) for p in spec.contents.store_paths]
     for p in [*spec.contents.roots, *spec.contents.files, *on_disk]:
         if not os.path.lexists(p):
@@ -247,20 +394,29 @@ def _check(spec: Spec, where: str) -> Spec:
             raise bad(f"{key} does not exist: {value}")
     if spec.contents.graph and not os.path.exists(spec.contents.graph):
         raise bad(f"contents.graph does not exist: {spec.contents.graph}")
-    return spec
 
 
 def parse_time(value: str, what: str) -> datetime:
-    """ "now", ISO 8601 (a trailing Z too), or integer epoch seconds as a string."""
+    """ "now", ISO 8601 (a trailing Z too), or integer epoch seconds as a string,
+    within 1970..9999 (see EARLIEST)."""
     if value == "now":
         return datetime.now(tz=timezone.utc).replace(microsecond=0)
     if re.fullmatch(r"-?[0-9]+", value):
-        return datetime.fromtimestamp(int(value), tz=timezone.utc)
+        n = int(value) if len(value) <= 20 else -1  # int() of 5000 digits is an error
+        if not EARLIEST.timestamp() <= n <= LATEST.timestamp():
+            raise Invalid(f"{what}: {short(value, 40)} is not a time in 1970..9999")
+        return datetime.fromtimestamp(n, tz=timezone.utc)
     try:
         t = datetime.fromisoformat(re.sub(r"Z$", "+00:00", value))
+        t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+        in_range = EARLIEST <= t.astimezone(timezone.utc) <= LATEST
     except ValueError:
-        raise FastlayerError(f"{what}: not 'now', epoch seconds or ISO 8601: {value!r}") from None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+        raise Invalid(f"{what}: not 'now', epoch seconds or ISO 8601: {short(value)}") from None
+    except OverflowError:  # e.g. 9999-12-31T23:00-05:00, past year 9999 in UTC
+        in_range = False
+    if not in_range:
+        raise Invalid(f"{what}: {short(value)} is not a time in 1970..9999")
+    return t
 
 
 def format_time(t: datetime) -> str:
