@@ -21,7 +21,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--final-tag", help="the tag written (default: as pulled, else latest)")
     p.add_argument("--insecure", action="store_true", help="plain HTTP (a local registry)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    add_deadlines(p, "pull")
     p.set_defaults(func=run)
+
+
+def add_deadlines(p: argparse.ArgumentParser, verb: str) -> None:
+    """--timeout and --stall-timeout, shared by pull and push."""
+    from fastlayer.registry.client import DEADLINE, STALL
+
+    p.add_argument(
+        "--timeout", type=_seconds, default=DEADLINE, metavar="SECONDS",
+        help=f"give up if the whole {verb} takes longer (default {DEADLINE:g}; 0: no limit)",
+    )  # fmt: skip
+    p.add_argument(
+        "--stall-timeout", type=_seconds, default=STALL, metavar="SECONDS",
+        help=f"give up when the registry sends or takes no byte for this long (default {STALL:g})",
+    )  # fmt: skip
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < 1e9 or value != value:
+        raise argparse.ArgumentTypeError(f"seconds must be in [0, 1e9): {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         final_tag=args.final_tag,
         insecure=args.insecure,
         progress=not args.quiet and sys.stderr.isatty(),
+        timeout=args.timeout,
+        stall=args.stall_timeout or None,
     )
     if not result.reference.digest:
         print(

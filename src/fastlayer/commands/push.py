@@ -7,6 +7,8 @@ import argparse
 import os
 import sys
 
+from fastlayer.commands.pull import add_deadlines
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -24,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--insecure", action="store_true", help="plain HTTP (a local registry)")
     p.add_argument("-j", "--jobs", type=int, default=3, help="parallel uploads (default 3)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    add_deadlines(p, "push")
     p.set_defaults(func=run)
 
 
@@ -39,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         workers=max(1, args.jobs),
         progress=not args.quiet and sys.stderr.isatty(),
+        timeout=args.timeout,
+        stall=args.stall_timeout or None,
     )
     if is_spec(args.source):
         result = push_spec(args.source, args.destination, compress=args.compress, **common)

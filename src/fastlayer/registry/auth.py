@@ -6,17 +6,20 @@ Credentials come from the first file that names the registry among
 shared form `{"auths": {"host:port": {"auth": base64("user:password")}}}`.
 Credential helpers (`credsStore`, `credHelpers`) are not run. Credentials
 are never printed: errors name the registry and the file, not their values.
+Each file is schema-checked (a regular file of at most 4 MiB, `auths` an
+object of objects, `auth`/`username`/`password` strings) before use; a bad
+one is one error line naming the file and the field.
 """
 
 from __future__ import annotations
 
 import base64
-import json
+import binascii
 import os
 import re
 from dataclasses import dataclass
 
-from fastlayer.errors import FastlayerError
+from fastlayer import untrusted
 from fastlayer.registry.reference import DOCKER_HUB, DOCKER_HUB_API
 
 
@@ -56,33 +59,42 @@ def find_credentials(registry: str) -> Credentials | None:
     """The credentials stored for registry (host[:port]), or None: anonymous."""
     wanted = _aliases(registry)
     for path in auth_files():
-        try:
-            with open(path, encoding="utf-8") as f:
-                auths = (json.load(f) or {}).get("auths") or {}
-        except FileNotFoundError:
+        if not os.path.lexists(path):
             continue
-        except (OSError, ValueError, AttributeError) as e:
-            raise FastlayerError(f"cannot read registry credentials file {path}: {e}") from None
+        auths = _auths(path)
         for key, entry in auths.items():
-            if _host_of(key) in wanted and isinstance(entry, dict):
-                return _decode(entry, path, registry)
+            if _host_of(key) in wanted:
+                where = f"registry credentials file {path}: auths[{untrusted.short(key, 60)}]"
+                return _decode(untrusted.of_type(entry, dict, where), where)
     return None
 
 
-def _decode(entry: dict, path: str, registry: str) -> Credentials:
-    if entry.get("auth"):
+def _auths(path: str) -> dict:
+    """The `auths` object of a credentials file, its type checked."""
+    what = "registry credentials file"
+    doc = untrusted.load_json_file(path, what)
+    if doc is None:
+        return {}
+    doc = untrusted.of_type(doc, dict, f"{what} {path}")
+    auths = untrusted.field(doc, "auths", (dict, type(None)), f"{what} {path}", default={})
+    return auths or {}
+
+
+def _decode(entry: dict, where: str) -> Credentials:
+    auth = untrusted.field(entry, "auth", (str, type(None)), where, default=None)
+    if auth:
         try:
-            user, sep, password = base64.b64decode(entry["auth"]).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
+            user, sep, password = base64.b64decode(auth, validate=True).decode().partition(":")
+        except (binascii.Error, ValueError, UnicodeDecodeError):
             sep, user, password = "", "", ""
         if not sep:
-            raise FastlayerError(
-                f"{path}: the auth entry of {registry} is not base64(user:password)"
-            )
+            raise untrusted.Invalid(f"{where}.auth: not base64(user:password)")
         return Credentials(user, password)
-    if entry.get("username"):
-        return Credentials(entry["username"], entry.get("password", ""))
-    raise FastlayerError(f"{path}: the entry of {registry} has no auth or username")
+    username = untrusted.field(entry, "username", (str, type(None)), where, default=None)
+    password = untrusted.field(entry, "password", (str, type(None)), where, default=None)
+    if username:
+        return Credentials(username, password or "")
+    raise untrusted.Invalid(f"{where}: has no auth or username")
 
 
 @dataclass(frozen=True)

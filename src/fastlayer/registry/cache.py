@@ -18,10 +18,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass
 
+from fastlayer import untrusted
+
+_REPO = re.compile(
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+)
 MAX_ENTRIES = 20000  # per registry and table; the oldest go first
 
 
@@ -58,14 +64,21 @@ class BlobCache:
             e = self.layers.get(f"{kind}:{diff_id}")
         if not isinstance(e, dict):
             return None
-        try:
-            return Blob(e["digest"], int(e["size"]), e["mediaType"])
-        except (KeyError, TypeError, ValueError):
+        try:  # only a hint, but its digest goes into a URL: checked like any other
+            digest = untrusted.digest(e.get("digest"), "cache")
+            size = untrusted.integer(e.get("size"), "cache")
+            return Blob(digest, size, untrusted.of_type(e.get("mediaType"), str, "cache"))
+        except untrusted.Invalid:
             return None
 
     def repos_with(self, digest: str) -> list[str]:
         with self._lock:
-            return list(self.repos.get(digest) or [])
+            repos = self.repos.get(digest)
+        return (
+            [r for r in repos if isinstance(r, str) and _REPO.fullmatch(r)]
+            if isinstance(repos, list)
+            else []
+        )
 
     def knows_repo(self, repo: str) -> bool:
         """Whether any blob is remembered in repo (it was pushed or pulled from here)."""

@@ -18,11 +18,9 @@ and the image appears at the output only when everything checked out.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -31,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from fastlayer import untrusted
 from fastlayer.errors import DigestMismatch, FastlayerError
 from fastlayer.model import (
     MT_DOCKER_CONFIG,
@@ -47,12 +46,12 @@ from fastlayer.model import (
     Layer,
 )
 from fastlayer.registry.cache import Blob, BlobCache
-from fastlayer.registry.client import Registry
+from fastlayer.registry.client import DEADLINE, STALL, Registry, content_length, server_text
 from fastlayer.registry.reference import Reference, parse_reference
 
 ACCEPT = [MT_OCI_INDEX, MT_DOCKER_LIST, MT_OCI_MANIFEST, MT_DOCKER_MANIFEST]
 INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
-MAX_MANIFEST = 4 << 20  # the distribution spec's advice for manifests
+MAX_MANIFEST = untrusted.MAX_JSON  # containerd's cap for manifests, configs, indexes
 CHUNK = 1 << 20
 WORKERS = 4
 # Docker media types as their OCI twins: the same bytes, named the OCI way.
@@ -88,26 +87,35 @@ def pull(
     insecure: bool = False,
     progress: bool = False,
     workers: int = WORKERS,
+    timeout: float | None = DEADLINE,
+    stall: float | None = STALL,
 ) -> PullResult:
+    """timeout: seconds for the whole pull (0 or None: no limit); stall: seconds
+    without a byte from the registry before a transfer is given up."""
     if format not in ("docker-archive", "oci-dir"):
         raise FastlayerError(f"unknown pull format {format!r}; use docker-archive or oci-dir")
     ref = parse_reference(ref_text)
-    reg = Registry(ref.registry, ref.api_host, insecure, pool=workers + 2)
+    reg = Registry(
+        ref.registry, ref.api_host, insecure, pool=workers + 2, timeout=timeout, stall=stall
+    )
     try:
         top_raw, top_type = _manifest(reg, ref.repository, ref.reference, ref.digest, None)
         top_digest = _sha(top_raw)
         raw, mtype = top_raw, top_type
         if mtype in INDEX_TYPES:
-            desc = _descriptor(ref, _platform(ref, _json(raw, ref), os_name, arch, variant))
+            where = f"{ref}: index"
+            index = untrusted.of_type(_json(raw, where), dict, where)
+            desc = _descriptor(where, _platform(ref, index, os_name, arch, variant))
             raw, mtype = _manifest(reg, ref.repository, desc["digest"], desc["digest"], desc)
-        manifest = _json(raw, ref)
+        where = f"{ref}: manifest"
+        manifest = untrusted.of_type(_json(raw, where), dict, where)
         if mtype not in (MT_OCI_MANIFEST, MT_DOCKER_MANIFEST) or "config" not in manifest:
-            raise FastlayerError(f"{ref}: unsupported manifest type {mtype or '(none)'}")
-        cdesc = _descriptor(ref, manifest["config"])
+            raise FastlayerError(f"{ref}: unsupported manifest type {untrusted.short(mtype)}")
+        cdesc = _descriptor(f"{where}.config", manifest["config"])
         config_raw = _small_blob(reg, ref.repository, cdesc)
-        config = _json(config_raw, ref)
-        descs = [_descriptor(ref, d) for d in manifest.get("layers") or []]
-        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+        config, diff_ids = _config(config_raw, f"{ref}: config {cdesc['digest'][:19]}")
+        layers = untrusted.field(manifest, "layers", list, where, default=[])
+        descs = [_descriptor(f"{where}.layers[{i}]", d) for i, d in enumerate(layers)]
         if len(descs) != len(diff_ids):
             raise FastlayerError(
                 f"{ref}: manifest lists {len(descs)} layers, config {len(diff_ids)} diff_ids"
@@ -128,7 +136,7 @@ def pull(
         cache = BlobCache(ref.registry)
         layers = []
         for d, diff_id in zip(descs, diff_ids, strict=True):
-            blob = Blob(d["digest"], int(d["size"]), d.get("mediaType", ""))
+            blob = Blob(d["digest"], d["size"], d.get("mediaType", ""))
             cache.remember(ref.repository, blob, diff_id, kind_of(blob.media_type))
             layers.append(blob)
         cache.save()
@@ -137,19 +145,32 @@ def pull(
     return PullResult(ref, top_digest, _sha(raw), cdesc["digest"], layers, name, tag)
 
 
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-def _descriptor(ref: Reference, d: Any) -> dict:
-    """A descriptor we can fetch safely: a sha256 digest (it names a file) and a size."""
-    if (
-        not isinstance(d, dict)
-        or not _DIGEST.fullmatch(str(d.get("digest", "")))
-        or not isinstance(d.get("size"), int)
-        or d["size"] < 0
-    ):
-        raise FastlayerError(f"{ref}: unsupported or invalid descriptor {json.dumps(d)[:200]}")
+def _descriptor(where: str, d: Any) -> dict:
+    """A descriptor we can fetch safely: a sha256 digest (checked before it names a
+    file), a size in [0, 2^63), a string mediaType if any."""
+    d = untrusted.of_type(d, dict, where)
+    digest = untrusted.digest(d.get("digest"), f"{where}.digest")
+    if not digest.startswith("sha256:"):
+        raise untrusted.Invalid(f"{where}.digest: only sha256 digests are pulled: {digest[:19]}...")
+    untrusted.integer(untrusted.field(d, "size", int, where), f"{where}.size")
+    untrusted.field(d, "mediaType", str, where, default="")
     return d
+
+
+def _hex(digest: str) -> str:
+    """The file name of a blob: the hex of a digest whose grammar is checked first."""
+    return untrusted.blob_path(digest, "blob").rsplit("/", 1)[1]
+
+
+def _config(raw: bytes, where: str) -> tuple[dict, list[str]]:
+    """The image config and its rootfs.diff_ids, their types checked."""
+    config = untrusted.of_type(_json(raw, where), dict, where)
+    rootfs = untrusted.field(config, "rootfs", dict, where, default={})
+    diff_ids = untrusted.each(
+        untrusted.field(rootfs, "diff_ids", list, f"{where}.rootfs", default=[]),
+        f"{where}.rootfs.diff_ids", untrusted.digest,
+    )  # fmt: skip
+    return config, diff_ids
 
 
 def _empty_dir(path: str) -> bool:
@@ -169,11 +190,8 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _json(raw: bytes, ref: Reference) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise FastlayerError(f"{ref}: the registry served a document that is not JSON") from None
+def _json(raw: bytes, where: str) -> Any:
+    return untrusted.parse_json(raw, where)
 
 
 def _manifest(
@@ -182,23 +200,21 @@ def _manifest(
     """A manifest's bytes and media type, checked against digest (and desc's size)."""
     r = reg.get_manifest(repo, reference, ACCEPT)
     try:
-        raw = r.raw.read(MAX_MANIFEST + 1, decode_content=True)
+        raw = reg.read_capped(r, f"manifest {repo}:{reference}", MAX_MANIFEST)
     finally:
         r.close()
-    if len(raw) > MAX_MANIFEST:
-        raise FastlayerError(f"{reg.registry}/{repo}: manifest {reference} is over 4 MiB")
     got = _sha(raw)
     if digest and got != digest:
         raise DigestMismatch(f"{reg.registry}/{repo}: manifest {digest} hashes to {got}")
-    if desc is not None and int(desc.get("size", -1)) != len(raw):
+    if desc is not None and desc["size"] != len(raw):
         raise DigestMismatch(f"{reg.registry}/{repo}: manifest {digest} has the wrong size")
     mtype = r.headers.get("Content-Type", "").split(";")[0].strip()
     if mtype not in ACCEPT:  # some registries send a generic type: trust the body's own
-        with contextlib.suppress(ValueError, AttributeError):
-            body = json.loads(raw)
-            mtype = body.get("mediaType") or (
-                MT_OCI_INDEX if "manifests" in body else MT_OCI_MANIFEST
-            )
+        where = f"{reg.registry}/{repo}: manifest {reference}"
+        body = untrusted.of_type(_json(raw, where), dict, where)
+        mtype = untrusted.field(body, "mediaType", str, where, default="") or (
+            MT_OCI_INDEX if "manifests" in body else MT_OCI_MANIFEST
+        )
     return raw, mtype
 
 
@@ -207,25 +223,38 @@ def _platform(ref: Reference, index: dict, os_name: str, arch: str | None, varia
 
     arch = arch or _host_arch()
     found = []
-    for d in index.get("manifests") or []:
-        p = d.get("platform") or {}
-        found.append(
-            "/".join(x for x in (p.get("os"), p.get("architecture"), p.get("variant")) if x)
-        )
-        if p.get("os") == os_name and p.get("architecture") == arch:
-            if variant is None or p.get("variant") == variant:
+    where = f"{ref}: index.manifests"
+    manifests = untrusted.field(index, "manifests", list, f"{ref}: index", default=[])
+    for i, d in enumerate(manifests):
+        d = untrusted.of_type(d, dict, f"{where}[{i}]")
+        p = untrusted.field(d, "platform", dict, f"{where}[{i}]", default={})
+        keys = ("os", "architecture", "variant")
+        got = [untrusted.field(p, k, str, f"{where}[{i}].platform", default="") for k in keys]
+        found.append("/".join(x for x in got if x))
+        if got[0] == os_name and got[1] == arch:
+            if variant is None or got[2] == variant:
                 return d
     want = "/".join(x for x in (os_name, arch, variant) if x)
-    raise FastlayerError(f"{ref} has no {want} image; it has: {', '.join(found) or 'none'}")
+    have = server_text(", ".join(found) or "none")
+    raise FastlayerError(f"{ref} has no {want} image; it has: {have}")
 
 
 def _small_blob(reg: Registry, repo: str, desc: dict) -> bytes:
-    size = int(desc.get("size", -1))
-    if not 0 <= size <= MAX_MANIFEST:
-        raise FastlayerError(f"{reg.registry}/{repo}: config size {size} is out of bounds")
+    size = desc["size"]
+    if size > MAX_MANIFEST:
+        raise untrusted.Invalid(
+            f"{reg.registry}/{repo}: config {desc['digest'][:19]}: size {size} is over "
+            f"the {MAX_MANIFEST}-byte cap"
+        )
     r = reg.get_blob(repo, desc["digest"])
     try:
-        raw = r.raw.read(size + 1, decode_content=True)
+        what = f"GET config {desc['digest']} of {repo}"
+        raw = reg.read_capped(r, what, size)
+    except untrusted.Invalid:
+        raise DigestMismatch(
+            f"{reg.registry}/{repo}: blob {desc['digest']} is larger than its descriptor's "
+            f"{size} bytes"
+        ) from None
     finally:
         r.close()
     _check(reg, repo, desc, _sha(raw), len(raw))
@@ -237,7 +266,7 @@ def _check(reg: Registry, repo: str, desc: dict, digest: str, size: int) -> None
         raise DigestMismatch(
             f"{reg.registry}/{repo}: blob {desc['digest']} served with digest {digest}"
         )
-    if size != int(desc["size"]):
+    if size != desc["size"]:
         raise DigestMismatch(
             f"{reg.registry}/{repo}: blob {desc['digest']} is {size} bytes, not {desc['size']}"
         )
@@ -248,7 +277,7 @@ def _download_all(
 ) -> None:
     """Every layer blob into blobs/<hex>, in parallel; the first failure stops the rest."""
     stop = threading.Event()
-    bar = _bar(sum(int(d.get("size", 0)) for d in descs)) if progress else None
+    bar = _bar(sum(d["size"] for d in descs)) if progress else None
     update = bar.update if bar is not None else (lambda n: None)
     unique = list({d["digest"]: d for d in descs}.values())
     try:
@@ -269,14 +298,18 @@ def _download(
     reg: Registry, repo: str, desc: dict, blobs: str, stop: threading.Event,
     update: Callable[[int], object],
 ) -> None:  # fmt: skip
-    path = os.path.join(blobs, desc["digest"].split(":", 1)[1])
-    limit = int(desc["size"])
+    digest = desc["digest"]
+    path = os.path.join(blobs, _hex(digest))
+    limit = desc["size"]
     h = hashlib.sha256()
     size = 0
-    r = reg.get_blob(repo, desc["digest"])
+    r = reg.get_blob(repo, digest)
     try:
+        announced = content_length(r)
+        if announced is not None and announced > limit and not r.headers.get("Content-Encoding"):
+            _check(reg, repo, desc, "(a larger blob)", announced)
         with open(path, "wb") as f:
-            while chunk := r.raw.read(CHUNK, decode_content=False):
+            for chunk in reg.chunks(r, f"GET blob {digest} of {repo}"):
                 if stop.is_set():
                     return
                 size += len(chunk)
@@ -285,12 +318,6 @@ def _download(
                 h.update(chunk)
                 f.write(chunk)
                 update(len(chunk))
-    except OSError as e:
-        if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
-            raise
-        raise FastlayerError(
-            f"registry {reg.registry}: download of {desc['digest']} broke off: {e}"
-        ) from None
     finally:
         r.close()
     _check(reg, repo, desc, "sha256:" + h.hexdigest() if size <= limit else "(more bytes)", size)
@@ -311,7 +338,7 @@ def _write_oci(
     """The downloaded blobs plus manifest, config, index.json: renamed into place whole."""
     blobs = os.path.join(tmp, "blobs", "sha256")
     if mtype == MT_DOCKER_MANIFEST:
-        raw, mtype = oci_manifest(json.loads(raw)), MT_OCI_MANIFEST
+        raw, mtype = oci_manifest(json.loads(raw)), MT_OCI_MANIFEST  # checked by pull()
     for data in (raw, config_raw):
         with open(os.path.join(blobs, hashlib.sha256(data).hexdigest()), "wb") as f:
             f.write(data)
@@ -375,7 +402,7 @@ def _write_docker(
 
     with open_sink(output, "docker-archive", "none") as sink:
         for d, diff_id in zip(descs, diff_ids, strict=True):
-            path = os.path.join(blobs, d["digest"].split(":", 1)[1])
+            path = os.path.join(blobs, _hex(d["digest"]))
             layer = Layer(diff_id, opener(path), None, comment=f"layer {d['digest']}")
             sink.add_layer(ReaderSource(layer, verify=True), layer.comment)
         sink.finish(config, [ref])

@@ -36,8 +36,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from fastlayer import untrusted
 from fastlayer.emit import ReaderSource
-from fastlayer.errors import FastlayerError
+from fastlayer.errors import DigestMismatch, FastlayerError
 from fastlayer.model import (
     MT_OCI_CONFIG,
     MT_OCI_LAYER,
@@ -48,7 +49,7 @@ from fastlayer.model import (
     WrittenLayer,
 )
 from fastlayer.registry.cache import Blob, BlobCache
-from fastlayer.registry.client import Registry
+from fastlayer.registry.client import DEADLINE, STALL, Registry
 from fastlayer.registry.pull import TO_OCI, kind_of
 from fastlayer.registry.reference import Reference, parse_reference
 from fastlayer.sinks.base import ImageRecord, config_bytes
@@ -89,11 +90,20 @@ class PushResult:
 
 
 class Body:
-    """A request body of known size, read in 1 MiB pieces, that can rewind (auth retry)."""
+    """A request body of known size, read in 1 MiB pieces, that can rewind (auth retry).
 
-    def __init__(self, open_: Callable[[], BinaryIO], size: int, update: Callable[[int], Any]):
-        self._open, self.size, self._update = open_, size, update
+    With check, the bytes are hashed as they go and must be exactly size bytes
+    of that digest: a mismatch raises before the last piece leaves, so the
+    registry never receives the whole of a tampered blob."""
+
+    def __init__(
+        self, open_: Callable[[], BinaryIO], size: int, update: Callable[[int], Any],
+        check: str | None = None,
+    ):  # fmt: skip
+        self._open, self.size, self._update, self._check = open_, size, update, check
         self._f: BinaryIO | None = None
+        self._hash = hashlib.sha256()
+        self._sent = 0
 
     def __len__(self) -> int:
         return self.size
@@ -101,12 +111,27 @@ class Body:
     def read(self, n: int = -1) -> bytes:
         if self._f is None:
             self._f = self._open()
-        chunk = self._f.read(CHUNK)
+        chunk = self._f.read(min(CHUNK, self.size - self._sent + 1))
+        if self._check is not None:
+            self._hash.update(chunk)
+            self._sent += len(chunk)
+            if not chunk or self._sent >= self.size:
+                self._verify()
         self._update(len(chunk))
         return chunk
 
+    def _verify(self) -> None:
+        got = "sha256:" + self._hash.hexdigest()
+        if self._sent != self.size or got != self._check:
+            raise DigestMismatch(
+                f"blob {self._check} to push is {self._sent} bytes hashing to {got}, "
+                f"not {self.size} bytes of that digest"
+            )
+
     def seek(self, pos: int, whence: int = 0) -> None:
         self.close()
+        self._hash = hashlib.sha256()
+        self._sent = 0
 
     def close(self) -> None:
         if self._f is not None:
@@ -201,7 +226,7 @@ class RegistrySink:
         self.layers.append(w)
 
         def ship() -> None:
-            self._ensure(blob, open_raw)
+            self._ensure(blob, open_raw, verify=True)
             self.cache.remember(self.repo, blob, diff_id, kind_of(blob.media_type))
 
         self._futures.append(self._pool.submit(ship))
@@ -267,15 +292,16 @@ class RegistrySink:
             break  # the registry opened an upload instead: use it
         return location
 
-    def _ensure(self, blob: Blob, open_: Callable[[], BinaryIO]) -> None:
-        """The blob in the repository: already there, mounted, or uploaded."""
+    def _ensure(self, blob: Blob, open_: Callable[[], BinaryIO], verify: bool = False) -> None:
+        """The blob in the repository: already there, mounted, or uploaded (with
+        verify, its bytes are checked against its digest as they are sent)."""
         if self._present(blob):
             return
         location = self._mount(blob)
         if location == "":
             return
         location = location or self.reg.start_upload(self.repo)
-        body = Body(open_, blob.size, self._progress)
+        body = Body(open_, blob.size, self._progress, blob.digest if verify else None)
         try:
             self.reg.finish_upload(self.repo, location, blob.digest, body, blob.size)  # type: ignore[arg-type]
         finally:
@@ -384,8 +410,12 @@ def _bar():
 # -- what push drives -----------------------------------------------------------------
 
 
-def _registry(dest: Reference, insecure: bool, workers: int) -> Registry:
-    return Registry(dest.registry, dest.api_host, insecure, pool=workers + 2)
+def _registry(
+    dest: Reference, insecure: bool, workers: int, timeout: float | None, stall: float | None
+) -> Registry:
+    return Registry(
+        dest.registry, dest.api_host, insecure, pool=workers + 2, timeout=timeout, stall=stall
+    )
 
 
 def _run(dest: Reference, sink: RegistrySink, body: Callable[[], tuple[ImageRecord, str]]):
@@ -401,8 +431,12 @@ def _run(dest: Reference, sink: RegistrySink, body: Callable[[], tuple[ImageReco
 def push_image(
     path: str, dest_text: str, *, image_tag: str | None = None, compress: str = "gzip",
     insecure: bool = False, workers: int = WORKERS, progress: bool = False,
+    timeout: float | None = DEADLINE, stall: float | None = STALL,
 ) -> PushResult:  # fmt: skip
-    """Push an image on disk (docker-archive, OCI layout or archive) as it is."""
+    """Push an image on disk (docker-archive, OCI layout or archive) as it is.
+
+    Every layer read is checked against its diff_id (or, sent as stored, its
+    blob digest) as it passes; timeout and stall as for pull()."""
     from fastlayer.sources import base_image as bi
 
     dest = parse_reference(dest_text)
@@ -412,7 +446,7 @@ def push_image(
         raise FastlayerError(f"image to push does not exist: {path}")
     image = bi.open_image(path, image_tag)
     files = bi._Files(path)  # noqa: SLF001 (raw config bytes and blob descriptors)
-    reg = _registry(dest, insecure, workers)
+    reg = _registry(dest, insecure, workers, timeout, stall)
     sink = RegistrySink(reg, dest.repository, compress, workers, progress)
 
     def body() -> tuple[ImageRecord, str]:
@@ -420,8 +454,8 @@ def push_image(
         for i, layer in enumerate(image.layers):
             d = descs[i] if descs else None
             if d is not None and kind_of(d["mediaType"]) != "none":
-                blob = Blob(d["digest"], int(d["size"]), d["mediaType"])
-                name = "blobs/" + d["digest"].replace(":", "/")
+                blob = Blob(d["digest"], d["size"], d["mediaType"])
+                name = untrusted.blob_path(d["digest"], f"image {path}: layer {i}")
                 sink.add_blob(blob, layer.diff_id, lambda name=name: files.open(name))
             else:
                 sink.add_layer(ReaderSource(layer, verify=True), layer.comment)
@@ -435,57 +469,92 @@ def push_image(
         reg.close()
 
 
+def _oci_docs(files: Any) -> list[tuple[str, dict]]:
+    """(name, document) of every manifest an OCI layout's index reaches, types checked."""
+    out: list[tuple[str, dict]] = []
+    stack = _descs(files, "index.json")
+    seen: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue  # an index that lists itself
+        seen.add(name)
+        doc = _doc(files, name)
+        if "manifests" in doc:
+            stack.extend(_descs(files, name, doc))
+        else:
+            out.append((name, doc))
+    return out
+
+
+def _doc(files: Any, name: str) -> dict:
+    return untrusted.of_type(files.json(name), dict, f"image {files.path}: {name}")
+
+
+def _descs(files: Any, name: str, doc: dict | None = None) -> list[str]:
+    """The blob names an index's manifests[] point at."""
+    doc = doc if doc is not None else _doc(files, name)
+    where = f"image {files.path}: {name}"
+    items = untrusted.field(doc, "manifests", list, where, default=[])
+    return [
+        untrusted.blob_path(
+            untrusted.of_type(d, dict, f"{where}.manifests[{i}]").get("digest"),
+            f"{where}.manifests[{i}].digest",
+        )  # fmt: skip
+        for i, d in enumerate(items)
+    ]
+
+
+def _layer_desc(d: Any, where: str) -> dict:
+    d = untrusted.of_type(d, dict, where)
+    untrusted.digest(d.get("digest"), f"{where}.digest")
+    untrusted.integer(untrusted.field(d, "size", int, where), f"{where}.size")
+    untrusted.field(d, "mediaType", str, where)
+    return d
+
+
+def _config_name(doc: dict, where: str) -> str:
+    config = untrusted.field(doc, "config", dict, where)
+    return untrusted.blob_path(config.get("digest"), f"{where}.config.digest")
+
+
 def _oci_layer_descs(files: Any, image: Any) -> list[dict] | None:
     """The layer descriptors of the OCI manifest open_image chose (found by its config)."""
-    index = files.json("index.json")
-    stack = list(index.get("manifests") or [])
-    while stack:
-        desc = stack.pop()
-        doc = files.json("blobs/" + desc["digest"].replace(":", "/"))
-        if "manifests" in doc:
-            stack.extend(doc["manifests"])
-            continue
-        layers = doc.get("layers") or []
-        diff_ids = [x["digest"] for x in layers]
-        cfg = files.json("blobs/" + doc["config"]["digest"].replace(":", "/"))
-        if (cfg.get("rootfs") or {}).get("diff_ids") == image.diff_ids and len(diff_ids) == len(
-            image.layers
-        ):
+    for name, doc in _oci_docs(files):
+        where = f"image {files.path}: {name}"
+        raw = untrusted.field(doc, "layers", list, where, default=[])
+        layers = [_layer_desc(d, f"{where}.layers[{i}]") for i, d in enumerate(raw)]
+        cfg = _doc(files, _config_name(doc, where))
+        rootfs = cfg.get("rootfs")
+        diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+        if diff_ids == image.diff_ids and len(layers) == len(image.layers):
             return layers
     return None
 
 
 def _config_raw(files: Any, image: Any) -> bytes:
     """The image's config as stored (so its id is kept), or as fastlayer writes it."""
+    names: list[str] = []
     if files.exists("manifest.json"):
-        for entry in files.json("manifest.json"):
-            with files.open(entry["Config"]) as f:
-                raw = f.read()
-            if json.loads(raw) == image.config:
-                return raw
+        where = f"image {files.path}: manifest.json"
+        entries = untrusted.of_type(files.json("manifest.json"), list, where)
+        for i, entry in enumerate(entries):
+            entry = untrusted.of_type(entry, dict, f"{where}[{i}]")
+            names.append(untrusted.member_name(entry.get("Config"), f"{where}[{i}].Config"))
     if files.exists("oci-layout"):
-        for name in _oci_config_names(files):
-            with files.open(name) as f:
-                raw = f.read()
-            if json.loads(raw) == image.config:
-                return raw
+        names += [_config_name(doc, f"image {files.path}: {n}") for n, doc in _oci_docs(files)]
+    for name in names:
+        with files.open(name) as f:
+            raw = untrusted.read_capped(f, f"image {files.path}: {name}")
+        if untrusted.parse_json(raw, f"image {files.path}: {name}") == image.config:
+            return raw
     return config_bytes(image.config)
-
-
-def _oci_config_names(files: Any) -> list[str]:
-    names = []
-    stack = list(files.json("index.json").get("manifests") or [])
-    while stack:
-        doc = files.json("blobs/" + stack.pop()["digest"].replace(":", "/"))
-        stack.extend(doc.get("manifests") or [])
-        if "config" in doc:
-            names.append("blobs/" + doc["config"]["digest"].replace(":", "/"))
-    return names
 
 
 def push_spec(
     spec: Any, dest_text: str, *, compress: str | None = None, insecure: bool = False,
-    workers: int = WORKERS, progress: bool = False,
+    workers: int = WORKERS, progress: bool = False, timeout: float | None = DEADLINE,
+    stall: float | None = STALL,
 ) -> PushResult:  # fmt: skip
     """Build spec's image straight into the registry (the builder, with our sink)."""
     from fastlayer.builder import build_into
@@ -496,7 +565,7 @@ def push_spec(
         raise FastlayerError(f"{dest_text}: push to a tag, not a digest")
     spec = load_spec(spec)
     kind = compress or (spec.compression if spec.compression != "none" else "gzip")
-    reg = _registry(dest, insecure, workers)
+    reg = _registry(dest, insecure, workers, timeout, stall)
     sink = RegistrySink(reg, dest.repository, kind, workers, progress)
 
     def body() -> tuple[ImageRecord, str]:
