@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
+from fastlayer import untrusted
 from fastlayer.commands import add_graph_arguments
 from fastlayer.errors import FastlayerError
 from fastlayer.graph import load_graph
 from fastlayer.plan import STRATEGIES, make_plan, read_plan, store_layer_budget
 from fastlayer.plan.planfile import write_atomic
+from fastlayer.spec import MAX_LAYERS
 
 
 def register(subparsers: Any) -> None:
@@ -40,16 +40,22 @@ def register(subparsers: Any) -> None:
 
 
 def _read_json_arg(value: str, what: str) -> Any:
-    text = value if value.lstrip().startswith(("[", "{")) else None
-    if text is None:
-        try:
-            text = Path(value).read_text()
-        except OSError as e:
-            raise FastlayerError(f"cannot read {what} {value}: {e.strerror}") from None
+    """Inline JSON, or a JSON file (regular, at most 4 MiB)."""
+    if value.lstrip().startswith(("[", "{")):
+        return untrusted.parse_json(value, f"malformed JSON in {what} {value:.60}")
+    with untrusted.open_regular(value, what) as f:
+        return untrusted.read_json(f, f"malformed JSON in {what} {value}")
+
+
+def _read_exclude(path: str) -> set[str]:
+    """--exclude: paths one a line (a regular file; no cap, like graphs)."""
+    with untrusted.open_regular(path, "exclude list") as f:
+        raw = f.read()
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FastlayerError(f"malformed JSON in {what} {value:.60}: {e}") from None
+        text = raw.decode()
+    except UnicodeDecodeError as e:
+        raise untrusted.Invalid(f"exclude list {path}: not UTF-8 text: {e}") from None
+    return {x.strip() for x in text.splitlines() if x.strip()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,17 +63,15 @@ def run(args: argparse.Namespace) -> int:
         raise FastlayerError("--previous only applies to --strategy stable")
     if (args.strategy == "pipeline") != (args.pipeline is not None):
         raise FastlayerError("--pipeline goes with --strategy pipeline, and only with it")
-    graph = load_graph(args.graph, key=args.key, store_dir=args.store_dir)
     max_layers = args.max_layers
     if max_layers is None and args.strategy != "pipeline":
         max_layers = 100
+    if max_layers is not None:
+        untrusted.integer(max_layers, "--max-layers", 1, MAX_LAYERS)
+    untrusted.integer(args.base_layers, "--base-layers", 0, MAX_LAYERS)
+    graph = load_graph(args.graph, key=args.key, store_dir=args.store_dir)
     budget = None if max_layers is None else store_layer_budget(max_layers, args.base_layers)
-    exclude: set[str] = set()
-    if args.exclude:
-        try:
-            exclude = {x.strip() for x in Path(args.exclude).read_text().splitlines() if x.strip()}
-        except OSError as e:
-            raise FastlayerError(f"cannot read {args.exclude}: {e.strerror}") from None
+    exclude = _read_exclude(args.exclude) if args.exclude else set()
     plan = make_plan(
         graph,
         args.strategy,

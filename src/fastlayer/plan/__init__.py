@@ -22,8 +22,7 @@ from fastlayer.graph import ClosureGraph
 from fastlayer.plan import auto, limit, pipeline, popularity, stable
 from fastlayer.plan.limit import store_layer_budget
 from fastlayer.plan.planfile import Layer, Plan, read_plan
-
-STRATEGIES = ("popularity", "limit", "auto", "pipeline", "stable")
+from fastlayer.spec import STRATEGIES
 
 __all__ = [
     "STRATEGIES",

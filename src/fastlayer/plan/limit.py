@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 from fastlayer.errors import FastlayerError
+from fastlayer.untrusted import integer
 
 T = TypeVar("T")
 
@@ -13,6 +14,8 @@ T = TypeVar("T")
 def store_layer_budget(max_layers: int, base_layers: int = 0) -> int:
     """Layers left for store paths: the base image's layers and the customisation
     layer come out of `max_layers` (as nixpkgs computes `availableLayers`)."""
+    integer(max_layers, "max layers", 1)
+    integer(base_layers, "base layers", 0)  # a negative count would widen the budget
     budget = max_layers - base_layers - 1
     if budget < 1:
         raise FastlayerError(

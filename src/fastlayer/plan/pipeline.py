@@ -37,6 +37,11 @@ from fastlayer._native import rank as _rank
 from fastlayer.errors import FastlayerError
 from fastlayer.graph import ClosureGraph
 from fastlayer.plan import popularity
+from fastlayer.untrusted import short
+
+# Steps nest through map, over and pipe; real pipelines are a few levels deep,
+# and compiling recursively must not run out of stack on a crafted one.
+MAX_NESTING = 64
 
 STEPS = (
     "popularity_contest",
@@ -172,9 +177,22 @@ def _popularity_contest(value: Any) -> list[Sub]:
     return [Sub(ctx, g.verts[i : i + 1], empty, empty) for i in popularity.rank(sub).tolist()]
 
 
+def _count(value: Any, step: str) -> int:
+    if type(value) is not int or value <= 0:
+        raise FastlayerError(f"pipeline step {step}: needs a count > 0, got {short(value)}")
+    return value
+
+
+def _paths(value: Any, step: str) -> list[str]:
+    """A path or a list of paths (paths not in the graph are ignored later)."""
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise FastlayerError(f"pipeline step {step}: needs a list of paths, got {short(value)}")
+    return value
+
+
 def _limit_layers(max_count: Any) -> Callable[[Any], list[Sub]]:
-    if not isinstance(max_count, int) or max_count <= 0:
-        raise FastlayerError(f"pipeline step limit_layers: needs a count > 0, got {max_count!r}")
+    max_count = _count(max_count, "limit_layers")
 
     def step(value: Any) -> list[Sub]:
         items = _items(value, "limit_layers")
@@ -185,8 +203,7 @@ def _limit_layers(max_count: Any) -> Callable[[Any], list[Sub]]:
 
 
 def _split_every(count: Any) -> Callable[[Any], list[Sub]]:
-    if not isinstance(count, int) or count <= 0:
-        raise FastlayerError(f"pipeline step split_every: needs a count > 0, got {count!r}")
+    count = _count(count, "split_every")
 
     def step(value: Any) -> list[Sub]:
         g = _graph(value, "split_every")
@@ -201,6 +218,8 @@ def _split_every(count: Any) -> Callable[[Any], list[Sub]]:
 
 
 def _subcomponent(mode: str, paths: Any) -> Callable[[Any], dict[str, Sub]]:
+    paths = _paths(paths, f"subcomponent_{mode}")
+
     def step(value: Any) -> dict[str, Sub]:
         g = _graph(value, f"subcomponent_{mode}")
         main = g.reach(g.find(paths), reverse=(mode == "in"))
@@ -210,6 +229,9 @@ def _subcomponent(mode: str, paths: Any) -> Callable[[Any], dict[str, Sub]]:
 
 
 def _split_paths(specs: Any) -> Callable[[Any], dict[str, Sub]]:
+    if not isinstance(specs, list):
+        raise FastlayerError(f"pipeline step split_paths: needs a list, got {short(specs)}")
+
     def indices(g: Sub, spec: Any) -> list[int]:
         if isinstance(spec, dict):
             if "children_of" not in spec:
@@ -251,7 +273,7 @@ def _split_paths(specs: Any) -> Callable[[Any], dict[str, Sub]]:
 
 
 def _remove_paths(paths: Any) -> Callable[[Any], Sub]:
-    paths = [paths] if isinstance(paths, str) else paths
+    paths = _paths(paths, "remove_paths")
 
     def step(value: Any) -> Sub:
         g = _graph(value, "remove_paths")
@@ -263,6 +285,9 @@ def _remove_paths(paths: Any) -> Callable[[Any], Sub]:
 
 
 def _over(key: Any, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    if not isinstance(key, str):
+        raise FastlayerError(f"pipeline step over: the key must be a string, got {short(key)}")
+
     def step(value: Any) -> Any:
         if not isinstance(value, dict):
             raise FastlayerError(f"pipeline step over: expected a dict, got {_what(value)}")
@@ -282,10 +307,12 @@ def flatten(value: Any) -> list[Sub]:
     return out
 
 
-def compile_step(step: Any) -> Callable[[Any], Any]:
+def compile_step(step: Any, depth: int = 0) -> Callable[[Any], Any]:
     """Turn one `[name, *args]` step into a function of the current value."""
+    if depth > MAX_NESTING:
+        raise FastlayerError(f"pipeline: steps nested deeper than {MAX_NESTING} levels")
     if not isinstance(step, list) or not step or not isinstance(step[0], str):
-        raise FastlayerError(f"pipeline: a step must be [name, *args], got {step!r:.80}")
+        raise FastlayerError(f"pipeline: a step must be [name, *args], got {short(step)}")
     name, args = step[0], step[1:]
     arity = {"popularity_contest": 0, "reverse": 0, "flatten": 0, "map": 1, "pipe": 1, "over": 2}
     if name not in STEPS:
@@ -309,17 +336,17 @@ def compile_step(step: Any) -> Callable[[Any], Any]:
     if name == "remove_paths":
         return _remove_paths(args[0])
     if name == "over":
-        return _over(args[0], compile_step(args[1]))
+        return _over(args[0], compile_step(args[1], depth + 1))
     if name == "map":
-        fn = compile_step(args[0])
+        fn = compile_step(args[0], depth + 1)
         return lambda v: [fn(x) for x in _items(v, "map")]
-    return compile_pipeline(args[0])  # pipe
+    return compile_pipeline(args[0], depth + 1)  # pipe
 
 
-def compile_pipeline(steps: Any) -> Callable[[Any], Any]:
+def compile_pipeline(steps: Any, depth: int = 0) -> Callable[[Any], Any]:
     if not isinstance(steps, list):
         raise FastlayerError(f"pipeline: expected a list of steps, got {type(steps).__name__}")
-    fns = [compile_step(s) for s in steps]
+    fns = [compile_step(s, depth) for s in steps]
 
     def run(value: Any) -> Any:
         for fn in fns:

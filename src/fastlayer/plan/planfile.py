@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastlayer.errors import FastlayerError
+from fastlayer import untrusted
+from fastlayer.untrusted import Invalid
 
 VERSION = 1
 
@@ -66,39 +67,46 @@ class Plan:
 
 
 def plan_from_json(data: Any, source: str = "plan") -> Plan:
+    """A plan document checked against the format above (unknown keys ignored)."""
     if not isinstance(data, dict) or "layers" not in data:
-        raise FastlayerError(f"{source}: not a fastlayer plan (no 'layers')")
+        raise Invalid(f"{source}: not a fastlayer plan (no 'layers')")
     version = data.get("version")
-    if version != VERSION:
-        raise FastlayerError(f"{source}: unsupported plan version {version!r}")
-    layers = []
-    for i, item in enumerate(data["layers"]):
-        paths = item.get("paths") if isinstance(item, dict) else None
-        size = item.get("size", 0) if isinstance(item, dict) else None
-        if (
-            not isinstance(paths, list)
-            or not all(isinstance(p, str) for p in paths)
-            or not isinstance(size, int)
-        ):
-            raise FastlayerError(f"{source}: malformed layer {i}")
-        layers.append(Layer(paths=paths, size=size))
+    if type(version) is not int or version != VERSION:
+        raise Invalid(f"{source}: unsupported plan version {untrusted.short(version)}")
+    items = untrusted.of_type(data["layers"], list, f"{source}: layers")
+    layers = [_layer(item, source, i) for i, item in enumerate(items)]
+    budget = data.get("budget")
+    if budget is not None:
+        untrusted.integer(budget, f"{source}: budget", 1)
     return Plan(
-        strategy=str(data.get("strategy", "")),
+        strategy=untrusted.field(data, "strategy", str, source, ""),
         layers=layers,
-        store_dir=str(data.get("store_dir", "/nix/store")),
-        budget=data.get("budget"),
+        store_dir=untrusted.field(data, "store_dir", str, source, "/nix/store"),
+        budget=budget,
     )
 
 
+def _layer(item: Any, source: str, i: int) -> Layer:
+    """layers[i]: {"paths": [str, ...], "size": int in [0, 2^63)}."""
+    paths = item.get("paths") if isinstance(item, dict) else None
+    size = item.get("size", 0) if isinstance(item, dict) else None
+    if (
+        not isinstance(paths, list)
+        or not all(isinstance(p, str) for p in paths)
+        or type(size) is not int
+    ):
+        raise Invalid(f"{source}: malformed layer {i}")
+    untrusted.integer(size, f"{source}: layers[{i}].size")
+    return Layer(paths=paths, size=size)
+
+
 def read_plan(path: str | os.PathLike[str]) -> Plan:
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise FastlayerError(f"malformed JSON in {path}: {e}") from None
-    except OSError as e:
-        raise FastlayerError(f"cannot read plan {path}: {e.strerror}") from None
-    return plan_from_json(data, str(path))
+    """A plan file: a regular file (no size cap: a plan is smaller than its graph)."""
+    name = os.fspath(path)
+    with untrusted.open_regular(name, "plan") as f:
+        raw = f.read()
+    data = untrusted.parse_json(raw, f"malformed JSON in {name}")
+    return plan_from_json(data, name)
 
 
 def write_atomic(path: str | os.PathLike[str], text: str) -> None:
