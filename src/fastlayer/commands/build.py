@@ -15,7 +15,13 @@ COMPRESS_BY_SUFFIX = {".tar.gz": "gzip", ".tgz": "gzip", ".tar.zst": "zstd", ".t
 def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("build", help="build an image from a spec (TOML or JSON) into a file")
     b.add_argument("spec", help="the image spec, .toml or .json")
-    b.add_argument("-o", "--output", required=True, help="the image file or OCI directory")
+    b.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="the image file (replaced whole when done; a symlink: the file it names), "
+        "a fifo or character device to stream into, '-' for stdout, or an OCI directory",
+    )
     b.add_argument("--format", choices=FORMATS, default="docker-archive")
     b.add_argument(
         "--compress",
@@ -46,8 +52,11 @@ def compression_for(output: str, given: str | None) -> str | None:
 
 def run_build(args: argparse.Namespace) -> int:
     from fastlayer.builder import build
+    from fastlayer.sinks.output import is_stdout
 
     compress = compression_for(args.output, args.compress)
+    # decided before the build: a replaced file is no longer the one stdout names
+    args.tag_to_stderr = is_stdout(args.output)
     if args.format == "oci-dir" and compress not in (None, "none") and args.compress is None:
         compress = None  # a directory has no extension to go by
     result = build(
@@ -77,4 +86,5 @@ def _report(args: argparse.Namespace, result) -> None:
 
         write_atomic(args.metadata, json.dumps(result.metadata(), indent=2) + "\n")
     # the tag: on stdout after a build, on stderr when stdout carries the image
-    print(result.tag, file=sys.stderr if args.func is run_stream else sys.stdout)
+    on_stderr = args.func is run_stream or getattr(args, "tag_to_stderr", False)
+    print(result.tag, file=sys.stderr if on_stderr else sys.stdout)

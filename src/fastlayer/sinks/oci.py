@@ -20,9 +20,11 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 
+from fastlayer import untrusted
 from fastlayer.errors import FastlayerError
 from fastlayer.model import (
     MT_OCI_CONFIG,
@@ -109,6 +111,7 @@ class OciDirSink(_OciImage):
         self.root = root
         self.blobs = os.path.join(root, "blobs", "sha256")
         self.created: list[str] = []  # what abort() removes from an existing layout
+        self.old_index: bytes | None = None  # index.json as it was, once replaced
         for d in (os.path.join(root, "blobs"), self.blobs):
             if not os.path.isdir(d):
                 os.mkdir(d)
@@ -163,26 +166,58 @@ class OciDirSink(_OciImage):
     def put_index(self, manifest: dict, refs: list[str]) -> None:
         path = os.path.join(self.root, "index.json")
         old: list[dict] = []
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                old = json.load(f).get("manifests") or []
+        if os.path.lexists(path):
+            with untrusted.open_regular(path, "OCI layout index") as f:
+                self.old_index = untrusted.read_capped(f, f"OCI layout {path}")
+            old = _index_manifests(self.old_index, path)
         self._replace("index.json", index_json(old, manifest, refs))
 
     def abort(self) -> None:
+        """Leave the layout as it was: the old index.json back, added files gone."""
+        if self.old_index is not None:
+            with contextlib.suppress(OSError):
+                self._write_new(os.path.join(self.root, "index.json"), self._put_old_index)
         for path in reversed(self.created):
             with contextlib.suppress(OSError):
                 os.rmdir(path) if os.path.isdir(path) else os.unlink(path)
+
+    def _put_old_index(self, w: FdWriter) -> None:
+        assert self.old_index is not None
+        w.write(self.old_index)
+
+
+def _index_manifests(raw: bytes, path: str) -> list[dict]:
+    """The manifests of an existing index.json, each an object."""
+    index = untrusted.of_type(untrusted.parse_json(raw, path), dict, path)
+    manifests = untrusted.field(index, "manifests", (list, type(None)), path, None) or []
+    where = f"{path}: manifests"
+    return untrusted.each(manifests, where, lambda m, w: untrusted.of_type(m, dict, w))
+
+
+def _check_layout_dir(output: str) -> None:
+    """An existing -o for oci-dir must be a layout directory (or an empty one)."""
+    try:
+        st = os.stat(output)
+    except FileNotFoundError:
+        raise FastlayerError(f"cannot write {output}: it is a dangling symlink") from None
+    except OSError as e:
+        raise FastlayerError(f"cannot write {output}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        hint = "; --format oci-archive streams" if not stat.S_ISREG(st.st_mode) else ""
+        raise FastlayerError(
+            f"cannot write {output}: it is {untrusted.file_kind(st.st_mode)}, "
+            f"not an OCI image layout directory{hint}"
+        )
+    if os.listdir(output) and not os.path.exists(os.path.join(output, "oci-layout")):
+        raise FastlayerError(f"{output} exists and is not an OCI image layout directory")
 
 
 @contextlib.contextmanager
 def oci_dir_sink(output: str, kind: str, name: str, tag: str) -> Iterator[OciDirSink]:
     """A new directory appears whole (built beside it, then renamed); an existing
     layout (or empty directory) gets the image added, and on error loses what was added."""
-    if os.path.exists(output):
-        if not os.path.isdir(output) or (
-            os.listdir(output) and not os.path.exists(os.path.join(output, "oci-layout"))
-        ):
-            raise FastlayerError(f"{output} exists and is not an OCI image layout directory")
+    if os.path.lexists(output):
+        _check_layout_dir(output)
         sink = OciDirSink(output, kind, name, tag)
         try:
             yield sink

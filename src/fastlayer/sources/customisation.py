@@ -10,11 +10,15 @@ staging files, so no root or fakeroot is needed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import stat
 import subprocess
 from pathlib import Path
 
+from fastlayer import untrusted
 from fastlayer._native.tarstream import LayerStream
 from fastlayer.emit import Owner, fsencode, walk
 from fastlayer.errors import FastlayerError
@@ -43,16 +47,23 @@ def stage(spec: Spec, staging: Path) -> None:
         for store_path in spec.contents.store_paths:
             _link_join(Path(spec.on_disk(store_path)), Path(store_path), staging)
     # extra_commands may edit what it finds: then copies, so the user's files stay
-    copy = shutil.copy2 if spec.extra_commands else _link_or_copy
+    copy = _copy_regular if spec.extra_commands else _link_or_copy
     for root in spec.contents.roots:
-        shutil.copytree(root, staging, symlinks=True, dirs_exist_ok=True, copy_function=copy)
+        # symlinks are copied as symlinks; anything not a file or directory is refused
+        shutil.copytree(
+            root,
+            staging,
+            symlinks=True,
+            dirs_exist_ok=True,
+            copy_function=lambda src, dst: copy(src, dst, "contents.roots entry"),
+        )
     for f in spec.contents.files:
         target = staging / os.path.basename(f.rstrip("/"))
         _replace(target)
         if os.path.islink(f):
             target.symlink_to(os.readlink(f))
         else:
-            copy(f, str(target))
+            copy(f, str(target), "contents.files entry")
     if spec.fake_nss is not None:
         for rel, text in fake_nss_files(spec.fake_nss).items():
             p = staging / rel
@@ -61,22 +72,44 @@ def stage(spec: Spec, staging: Path) -> None:
             p.write_text(text)
         (staging / "var" / "empty").mkdir(parents=True, exist_ok=True)
     if spec.extra_commands:
-        r = subprocess.run(
-            ["/bin/sh", "-ec", spec.extra_commands],
-            cwd=staging,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-        )
-        if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise FastlayerError(f"extra_commands failed with exit code {r.returncode}: {last}")
+        run_extra_commands(spec.extra_commands, staging)
+
+
+def run_extra_commands(commands: str, staging: Path) -> None:
+    """`/bin/sh -ec commands` in staging, in a process group of its own that is
+    killed whole when it ends or the build stops (a signal, an error), so no
+    process it started keeps writing into the staging directory."""
+    proc = subprocess.Popen(
+        ["/bin/sh", "-ec", commands],
+        cwd=staging,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",  # its messages may be in any encoding
+        start_new_session=True,
+    )
+    try:
+        _, err = proc.communicate()
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    if proc.returncode != 0:
+        last = (err.strip().splitlines() or ["(no output)"])[-1]
+        raise FastlayerError(f"extra_commands failed with exit code {proc.returncode}: {last}")
 
 
 def customisation_layer(spec: Spec, staging: Path, owner: Owner) -> LayerStream:
     """Walk the staged tree into a layer with absolute names, rules applied."""
     roots = [(fsencode(str(staging / n)), fsencode("/" + n)) for n in _sorted(staging)]
-    stream = walk([], roots, owner)
+    try:
+        stream = walk([], roots, owner)
+    except FastlayerError as e:  # e.g. a device extra_commands made: name it as in the image
+        raise FastlayerError(f"customisation layer: {str(e).replace(str(staging), '')}") from None
     rules = list(spec.permissions)
     if spec.nix_db:  # the Nix state belongs to nix_uid/nix_gid; later user rules still win
         rules.insert(0, Permission("/nix/var*", spec.nix_uid, spec.nix_gid))
@@ -135,11 +168,32 @@ def _name_without_hash(name: str) -> str:
     return rest if sep and len(head) == 32 else name
 
 
-def _link_or_copy(src: str, dst: str) -> str:
+def _check_regular(src: str, what: str) -> None:
+    """Refuse, by type and before any read, what is no regular file (devices would
+    copy without end, fifos block)."""
+    mode = os.lstat(src).st_mode
+    if not stat.S_ISREG(mode):
+        raise untrusted.Invalid(f"{what} {src}: is {untrusted.file_kind(mode)}, not a regular file")
+
+
+def _link_or_copy(src: str, dst: str, what: str) -> str:
+    _check_regular(src, what)
     try:
-        os.link(src, dst)
+        os.link(src, dst, follow_symlinks=False)
     except OSError:
-        shutil.copy2(src, dst)
+        _copy_regular(src, dst, what)
+    return dst
+
+
+def _copy_regular(src: str, dst: str, what: str) -> str:
+    """Copy a regular file (mode and times too); refuses anything else, a symlink too."""
+    _check_regular(src, what)
+    with untrusted.open_regular(src, what, follow=False) as f:
+        st = os.fstat(f.fileno())
+        with open(dst, "wb") as out:
+            shutil.copyfileobj(f, out, 1 << 20)
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
     return dst
 
 
