@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from fastlayer import untrusted
 from fastlayer._native.tarstream import LayerSourceError, LayerStream
 from fastlayer.errors import DigestMismatch, FastlayerError
 from fastlayer.model import Layer, LayerSource
@@ -327,9 +330,11 @@ class StreamSource:
 class ReaderSource:
     """A model.Layer (e.g. of a base image) as a LayerSource.
 
-    The layer's diff_id is trusted (one sequential copy, no hashing) unless
-    verify is set: then its bytes are hashed as they go by and a mismatch
-    aborts with DigestMismatch."""
+    With verify (the default for base images) the bytes are hashed as they
+    go by and a mismatch aborts with DigestMismatch naming the layer; without
+    it the diff_id is trusted. A layer stored as it is (layer.region) is
+    copied by the kernel either way; when verified, its region is hashed on
+    other threads, ahead of and alongside the copy (see RegionHasher)."""
 
     def __init__(self, layer: Layer, verify: bool = False):
         self.layer = layer
@@ -338,16 +343,30 @@ class ReaderSource:
 
     @property
     def region(self) -> tuple[str, int] | None:
-        """Where the bytes lie as they are, for a kernel copy (trusted layers only)."""
-        return None if self.verify else self.layer.region
+        """Where the bytes lie as they are, for a kernel copy."""
+        return self.layer.region if self.size is not None else None
 
     def copy_to(self, out_fd: int, offset: int) -> str:
         """Have the kernel copy the layer's bytes into out_fd at offset (see region)."""
         assert self.region is not None and self.size is not None
         path, src_offset = self.region
-        with open(path, "rb") as src:
-            copy_range(src.fileno(), src_offset, out_fd, offset, self.size)
-        return self.layer.diff_id.removeprefix("sha256:")
+        claimed = self.layer.diff_id.removeprefix("sha256:")
+        if not self.verify:
+            with untrusted.open_regular(path, "base layer") as src:
+                copy_range(src.fileno(), src_offset, out_fd, offset, self.size)
+            return claimed
+        hasher, index = RegionHasher.for_region(path, src_offset, self.size)
+        try:
+            src_fd = hasher.fd(path)
+            pending = hasher.start(index)
+            copy_range(src_fd, src_offset, out_fd, offset, self.size)
+            self._check(pending.result())
+        except BaseException:
+            hasher.close()
+            raise
+        if index == len(hasher.regions) - 1:  # the image's last layer: release all
+            hasher.close()
+        return claimed
 
     def pump(self, write: Callable[[memoryview], object]) -> str:
         digest = hashlib.sha256() if self.verify else None
@@ -356,13 +375,107 @@ class ReaderSource:
                 if digest is not None:
                     digest.update(chunk)
                 write(memoryview(chunk))
-        claimed = self.layer.diff_id.removeprefix("sha256:")
-        if digest is not None and digest.hexdigest() != claimed:
+        if digest is not None:
+            self._check(digest.hexdigest())
+        return self.layer.diff_id.removeprefix("sha256:")
+
+    def _check(self, got: str) -> None:
+        if got != self.layer.diff_id.removeprefix("sha256:"):
             raise DigestMismatch(
-                f"{self.layer.comment}: content hashes to sha256:{digest.hexdigest()}, "
-                f"not {self.layer.diff_id}"
+                f"base layer {self.layer.comment}: content hashes to sha256:{got}, "
+                f"not its diff_id {self.layer.diff_id}"
             )
-        return claimed
+
+
+class RegionHasher:
+    """sha256 of an image's uncompressed layer regions, hashed ahead of their copy.
+
+    A verified base costs one hash of every byte; on two cores that hash
+    runs beside the kernel copy instead of after it. Readers register the
+    regions of an image in order (hash_ahead); the first verified copy_to
+    starts two threads that hash its region and up to AHEAD following ones,
+    each through one mmap of the same open file the copy reads from.
+    Results are only ever used for the region they were computed over."""
+
+    AHEAD = 2  # regions hashed beyond the one being copied (bounds wasted work)
+    _by_region: dict[tuple[str, int, int], tuple[RegionHasher, int]] = {}
+
+    def __init__(self, regions: list[tuple[str, int, int]]):
+        self.regions = regions
+        self._fds: dict[str, int] = {}
+        self._futures: dict[int, Future[str]] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def hash_ahead(cls, regions: list[tuple[str, int, int]]) -> None:
+        """Announce an image's (file, offset, size) regions, bottom layer first."""
+        if len(cls._by_region) > 100_000:  # announced but never copied: forget them
+            cls._by_region.clear()
+        group = cls(list(dict.fromkeys(regions)))  # a region shared by two layers, once
+        for i, region in enumerate(group.regions):
+            cls._by_region[region] = (group, i)
+
+    @classmethod
+    def for_region(cls, path: str, offset: int, size: int) -> tuple[RegionHasher, int]:
+        found = cls._by_region.pop((path, offset, size), None)
+        return found if found is not None else (cls([(path, offset, size)]), 0)
+
+    def fd(self, path: str) -> int:
+        """One descriptor per file, shared by the copy and the hash."""
+        with self._lock:
+            if path not in self._fds:
+                f = untrusted.open_regular(path, "base layer")
+                self._fds[path] = os.dup(f.fileno())
+                f.close()
+            return self._fds[path]
+
+    def start(self, index: int) -> Future[str]:
+        """The hash of region index, and those of the next AHEAD regions begun."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(2, thread_name_prefix="fastlayer-verify")
+            pool = self._pool
+        for i in range(index, min(index + 1 + self.AHEAD, len(self.regions))):
+            if i not in self._futures:
+                path, offset, size = self.regions[i]
+                self._futures[i] = pool.submit(hash_range, self.fd(path), offset, size)
+        return self._futures.pop(index)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+            fds, self._fds = self._fds, {}
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for fd in fds.values():
+            os.close(fd)
+
+
+def hash_range(fd: int, offset: int, size: int) -> str:
+    """sha256 hex of size bytes of fd at offset, read through one mmap
+    (no copy into user memory; hashlib drops the GIL on each large update)."""
+    digest = hashlib.sha256()
+    if size == 0:
+        return digest.hexdigest()
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    skip = offset - start
+    if os.fstat(fd).st_size < offset + size:
+        raise FastlayerError(f"base layer: file ends before {offset + size} bytes (truncated)")
+    with mmap.mmap(fd, skip + size, prot=mmap.PROT_READ, offset=start) as m:
+        m.madvise(mmap.MADV_SEQUENTIAL)
+        view = memoryview(m)
+        try:
+            for pos in range(skip, skip + size, HASH_CHUNK):
+                digest.update(view[pos : min(pos + HASH_CHUNK, skip + size)])
+        finally:
+            view.release()
+    return digest.hexdigest()
+
+
+# Large enough that hashlib runs without the GIL most of the time, small
+# enough that copy and hash walk the page cache close together.
+HASH_CHUNK = 8 << 20
 
 
 def copy_range(src_fd: int, src_offset: int, out_fd: int, out_offset: int, count: int) -> None:

@@ -77,7 +77,10 @@ def _id(value: object, key: str, where: str) -> int:
 
 
 def _time(value: object, key: str, where: str) -> datetime:
-    t = parse_time(value, key)
+    try:
+        t = parse_time(value, key)
+    except FastlayerError as e:
+        raise Invalid(f"{where}: {e}") from None
     try:
         seconds = t.timestamp()
     except (OverflowError, ValueError, OSError):

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from fastlayer import untrusted as u
+from fastlayer.emit import RegionHasher
 from fastlayer.errors import DigestMismatch, FastlayerError
 from fastlayer.model import MT_DOCKER_LIST, MT_OCI_INDEX, Image, Layer
 from fastlayer.sources import schema
@@ -230,7 +231,7 @@ def _docker(files: _Files, tag: str | None) -> Image:
     paths = entry["Layers"]
     diff_ids = schema.diff_ids_match(len(paths), config, f"image {files.path}")
     layers = [files.layer(p, d, comment=p) for p, d in zip(paths, diff_ids, strict=True)]
-    return Image(config, layers, list(entry.get("RepoTags") or []))
+    return _announced(Image(config, layers, list(entry.get("RepoTags") or [])))
 
 
 # A v1 parent chain longer than this is no image (docker caps layers at 127).
@@ -314,7 +315,15 @@ def _oci(files: _Files, tag: str | None, os_name: str, arch: str | None) -> Imag
         files.layer(u.blob_path(x["digest"], ""), d, comment=x["digest"])
         for x, d in zip(descs, diff_ids, strict=True)
     ]
-    return Image(config, layers, names(desc))
+    return _announced(Image(config, layers, names(desc)))
+
+
+def _announced(image: Image) -> Image:
+    """Tell emit where the layers stored as they are lie, so a verified copy
+    can hash the next ones while it copies this one."""
+    regions = [(x.region[0], x.region[1], x.size) for x in image.layers if x.region and x.size]
+    RegionHasher.hash_ahead(regions)  # type: ignore[arg-type]
+    return image
 
 
 def _is_index(doc: object) -> bool:
