@@ -43,9 +43,12 @@ def _register_scan(actions: argparse._SubParsersAction) -> None:
 
 
 def _run_scan(args: argparse.Namespace) -> int:
+    from fastlayer import untrusted
     from fastlayer.errors import FastlayerError
     from fastlayer.nix.scan import scan_store, write_graph
 
+    if args.jobs is not None:
+        untrusted.integer(args.jobs, "--jobs", 1, 4096)
     infos = scan_store(
         args.store_dir, args.paths or None, jobs=args.jobs, print_dir=args.print_store_dir
     )

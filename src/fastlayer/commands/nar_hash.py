@@ -24,8 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastlayer import untrusted
     from fastlayer.nix.nar import nar_hash_many
 
+    if args.jobs is not None:
+        untrusted.integer(args.jobs, "--jobs", 1, 4096)
     infos = nar_hash_many(args.paths, jobs=args.jobs)
     if args.json:
         rows = [

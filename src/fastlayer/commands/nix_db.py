@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from fastlayer import untrusted
+from fastlayer.untrusted import MAX_INT
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -29,12 +32,20 @@ def run(args: argparse.Namespace) -> int:
     from fastlayer.graph import load_graph
     from fastlayer.nix.db import registrations, write_db, write_gcroots
 
+    when = _registration_time(args.registration_time)
     graph = load_graph(args.graph)
     store_root = args.store_root.rstrip("/") if args.store_root else ""
     regs = registrations(graph, on_disk=lambda p: store_root + p)
-    when = args.registration_time
-    if when is None:
-        when = int(os.environ.get("SOURCE_DATE_EPOCH", "1"))
     write_db(os.path.join(args.root, "nix/var/nix/db"), regs, when)
     write_gcroots(args.root, args.gcroot)
     return 0
+
+
+def _registration_time(given: int | None) -> int:
+    """--registration-time, else $SOURCE_DATE_EPOCH, else 1: seconds since 1970."""
+    if given is not None:
+        return untrusted.integer(given, "--registration-time", 0, MAX_INT)
+    env = os.environ.get("SOURCE_DATE_EPOCH", "1")
+    if not env.isascii() or not env.isdigit() or len(env) > 18:
+        raise untrusted.Invalid(f"SOURCE_DATE_EPOCH: not epoch seconds: {untrusted.short(env)}")
+    return int(env)

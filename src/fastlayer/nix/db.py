@@ -11,7 +11,9 @@ that the graph also gives must agree, else the build fails naming the path
 from __future__ import annotations
 
 import base64
+import binascii
 import os
+import re
 import sqlite3
 import tempfile
 from collections.abc import Sequence
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 from fastlayer.errors import FastlayerError
 from fastlayer.nix import base32
+from fastlayer.untrusted import MAX_INT, short
 
 SCHEMA_VERSION = 10
 
@@ -68,16 +71,30 @@ class Registration:
     deriver: str | None = None
 
 
-def hash_hex(nar_hash: str) -> str:
-    """base16 of any form Nix writes: sha256:<base32|base16>, sha256-<base64>."""
-    if nar_hash.startswith("sha256-"):
-        return base64.b64decode(nar_hash[7:]).hex()
-    value = nar_hash.removeprefix("sha256:")
-    if len(value) == 64:
-        return value.lower()
-    if len(value) == 52:
-        return base32.decode(value).hex()
-    raise FastlayerError(f"unrecognised narHash {nar_hash!r}")
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def hash_hex(nar_hash: str, where: str = "") -> str:
+    """base16 of any form Nix writes: sha256:<base32|base16>, sha256-<base64>.
+    Anything else (it may come from a graph or a base image) is an error,
+    prefixed with `where`."""
+    digest = _sha256_bytes(nar_hash) if isinstance(nar_hash, str) else None
+    if digest is None:
+        raise FastlayerError(f"{where}unrecognised narHash {short(nar_hash)}")
+    return digest.hex()
+
+
+def _sha256_bytes(nar_hash: str) -> bytes | None:
+    try:
+        if nar_hash.startswith("sha256-"):
+            raw = base64.b64decode(nar_hash[7:], validate=True)
+            return raw if len(raw) == 32 else None
+        value = nar_hash.removeprefix("sha256:")
+        if _HEX64.fullmatch(value):
+            return bytes.fromhex(value)
+        return base32.decode(value) if len(value) == 52 else None
+    except (ValueError, binascii.Error):
+        return None
 
 
 def registrations(graph, on_disk=lambda p: p, jobs: int | None = None) -> list[Registration]:
@@ -91,12 +108,13 @@ def registrations(graph, on_disk=lambda p: p, jobs: int | None = None) -> list[R
     for i, path in enumerate(names):
         given = graph.nar_hash[i] if graph.nar_hash else None
         given_size = int(graph.nar_size[i])
+        given_hex = hash_hex(given, f"graph: {path}: ") if given else None
         info = computed.get(path)
         if info is None and not given:
             raise FastlayerError(f"no narHash for {path}: not in the graph and not on disk")
         if info is not None:
             mine = hash_hex(info.sri)
-            if given and hash_hex(given) != mine:
+            if given and given_hex != mine:
                 raise FastlayerError(
                     f"{path}: its contents hash to {info.nar_hash}, the graph says {given}"
                 )
@@ -106,7 +124,7 @@ def registrations(graph, on_disk=lambda p: p, jobs: int | None = None) -> list[R
                 )
             nar_hex, size = mine, info.nar_size
         else:
-            nar_hex, size = hash_hex(given), given_size
+            nar_hex, size = str(given_hex), given_size
         refs = [names[j] for j in graph.indices[graph.indptr[i] : graph.indptr[i + 1]]]
         deriver = graph.deriver[i] if graph.deriver else None
         regs.append(Registration(path, nar_hex, size, refs, deriver))
@@ -165,23 +183,37 @@ def write_gcroots(root: str, paths: Sequence[str]) -> None:
 DB_MEMBER = "nix/var/nix/db/db.sqlite"
 
 
-def read_db(path: str) -> list[Registration]:
-    """The registrations of an existing Nix database (e.g. a base image's)."""
+def read_db(path: str, what: str | None = None) -> list[Registration]:
+    """The registrations of an existing Nix database (e.g. a base image's),
+    every row checked: it goes into the image's database as it is."""
+    what = what or f"Nix database {path}"
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         rows = con.execute("select id, path, hash, narSize, deriver from ValidPaths").fetchall()
         by_id = {r[0]: r[1] for r in rows}
         refs: dict[int, list[str]] = {}
         for referrer, reference in con.execute("select referrer, reference from Refs"):
+            if reference not in by_id:
+                raise FastlayerError(f"{what}: Refs names a path id {short(reference)} it lacks")
             refs.setdefault(referrer, []).append(by_id[reference])
     except sqlite3.DatabaseError as e:
-        raise FastlayerError(f"{path}: not a Nix database: {e}") from None
+        raise FastlayerError(f"{what}: not a Nix database: {e}") from None
     finally:
         con.close()
-    return [
-        Registration(p, hash_hex(h), size or 0, sorted(refs.get(i, [])), deriver)
-        for i, p, h, size, deriver in rows
-    ]
+    return [_row(what, i, p, h, size, deriver, refs) for i, p, h, size, deriver in rows]
+
+
+def _row(
+    what: str, i: int, p: object, h: object, size: object, deriver: object, refs: dict
+) -> Registration:
+    if not (isinstance(p, str) and p.startswith("/") and p.isprintable()):
+        raise FastlayerError(f"{what}: bad path {short(p)} in ValidPaths")
+    if size is not None and not (type(size) is int and 0 <= size <= MAX_INT):
+        raise FastlayerError(f"{what}: bad narSize {short(size)} for {p}")
+    if deriver is not None and not isinstance(deriver, str):
+        raise FastlayerError(f"{what}: bad deriver {short(deriver)} for {p}")
+    nar_hex = hash_hex(h, f"{what}: {p}: ")  # type: ignore[arg-type]
+    return Registration(p, nar_hex, size or 0, sorted(refs.get(i, [])), deriver)
 
 
 def merge(base: list[Registration], ours: list[Registration]) -> list[Registration]:
@@ -208,13 +240,16 @@ def base_image_db(image, dest: str) -> bool:
     import tarfile
 
     for layer in reversed(image.layers):
-        with layer.open() as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-            for member in tar:
-                name = member.name.removeprefix("./").lstrip("/")
-                if name == DB_MEMBER and member.isreg():
-                    src = tar.extractfile(member)
-                    assert src is not None
-                    with open(dest, "wb") as out:
-                        shutil.copyfileobj(src, out)
-                    return True
+        try:
+            with layer.open() as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+                for member in tar:
+                    name = member.name.removeprefix("./").lstrip("/")
+                    if name == DB_MEMBER and member.isreg():
+                        src = tar.extractfile(member)
+                        assert src is not None
+                        with open(dest, "wb") as out:
+                            shutil.copyfileobj(src, out)
+                        return True
+        except (tarfile.TarError, EOFError) as e:
+            raise FastlayerError(f"base image layer {layer.comment}: not a tar: {e}") from None
     return False
