@@ -430,3 +430,48 @@ def test_push_image_refuses_a_tampered_layer(reg, tmp_path, env):
             f"docker://{registry.host}/team/app:1")  # fmt: skip
     one_line_error(r, "layer")
     assert [s for s in registry.seen if s.method == "PUT"] == []  # nothing went up
+
+
+@pytest.mark.validators
+def test_push_of_a_tampered_oci_blob_is_refused_by_a_real_registry_too(tmp_path, env):
+    """A compressed blob of an OCI layout is sent as stored, checked as it goes:
+    the registry never receives the whole of a blob that is not its digest."""
+    from registry_fixture import Registry
+
+    oci = tmp_path / "oci"
+    fastlayer.build(json.loads(spec(tmp_path, os.urandom(8192)).read_text()), str(oci),
+                    format="oci-dir", compress="gzip")  # fmt: skip
+    index = json.loads((oci / "index.json").read_text())
+    manifest_blob = oci / "blobs" / "sha256" / index["manifests"][0]["digest"].split(":")[1]
+    layer = json.loads(manifest_blob.read_text())["layers"][-1]["digest"]
+    path = oci / "blobs" / "sha256" / layer.split(":")[1]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    registry = Registry(tmp_path / "registry").start()
+    try:
+        r = cli(env, "push", "--insecure", "-q", *FAST, str(oci),
+                f"docker://{registry.host}/team/app:1")  # fmt: skip
+        one_line_error(r, layer)
+        assert layer not in registry.uploads_since(0)
+        assert not registry.blob_path(layer).exists()
+    finally:
+        registry.stop()
+
+
+def test_server_text_masks_escapes_and_shortens():
+    from fastlayer.registry.client import _origin, server_text
+
+    text = server_text(
+        'Authorization: Bearer abc.def {"access_token": "zzz", "password": "p"} '
+        "token=qq&x=1 mine-secret \x1b[2J\u202e" + "y" * 300,
+        ["mine-secret"],
+    )
+    for leaked in ("abc.def", "zzz", '"p"', "qq", "mine-secret", "\x1b", "\u202e"):
+        assert leaked not in text
+    assert "Bearer ***" in text and "\\x1b" in text and "\\u202e" in text
+    assert len(text) == 200 and text.endswith("...")
+    # credentials are bound to scheme, host and port: each differs here
+    assert _origin("http://r:5000/v2/") == _origin("HTTP://R:5000/x")
+    assert _origin("http://r/") == _origin("http://r:80/")
+    assert len({_origin(u) for u in ("http://r:5000", "http://r:5001", "https://r:5000")}) == 3

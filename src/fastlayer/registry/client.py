@@ -284,11 +284,13 @@ class Registry:
         """Send, answering one auth challenge; a status outside ok + allow raises.
 
         scope: `repository:NAME:pull[,push]`, what this request needs.
+        stream: kept for callers; every response is streamed (read it with
+        chunks() or read_capped(), or close it).
         what: names the request in errors ("HEAD blob sha256:...")."""
         url = urljoin(self.base + "/", url)
         for attempt in range(2):
             r = self._send(
-                method, url, what, headers=headers, data=data, params=params, stream=stream,
+                method, url, what, headers=headers, data=data, params=params,
                 auth=(self.origin, self._auth_header(scope)),
             )  # fmt: skip
             # only the registry's own challenge is answered, never one met after a redirect
@@ -303,7 +305,7 @@ class Registry:
     def _send(
         self, method: str, url: str, what: str, *, headers: dict[str, str] | None = None,
         data: bytes | BinaryIO | None = None, params: dict[str, str] | None = None,
-        stream: bool = False, auth: tuple[tuple[str, str, int], dict[str, str]],
+        auth: tuple[tuple[str, str, int], dict[str, str]],
     ) -> requests.Response:  # fmt: skip
         """One request, following redirects here: auth[1] (the Authorization header)
         goes only to a URL of origin auth[0]."""
@@ -315,8 +317,10 @@ class Registry:
             h = {**(headers or {}), **(auth_header if _origin(url) == origin else {})}
             connect, read = self.deadline.timeouts(what)
             try:
+                # always streamed: a body is read only through read_capped or chunks,
+                # so an endless or huge one is never loaded whole
                 r = self.session.request(
-                    method, url, headers=h, data=data, params=params, stream=stream,
+                    method, url, headers=h, data=data, params=params, stream=True,
                     timeout=(connect, read), allow_redirects=False,
                 )  # fmt: skip
             except requests.exceptions.SSLError as e:
@@ -396,8 +400,7 @@ class Registry:
         query["scope"] = params.get("scope", scope)
         header = {"Authorization": _basic(self.credentials)} if self.credentials else {}
         what_token = f"token request for {what}"
-        r = self._send("GET", realm, what_token, params=query, stream=True,
-                       auth=(_origin(realm), header))  # fmt: skip
+        r = self._send("GET", realm, what_token, params=query, auth=(_origin(realm), header))
         try:
             if r.status_code in (401, 403):
                 who = "the stored credentials were refused" if header else "anonymous access denied"
