@@ -716,3 +716,39 @@ def test_inspect_reads_a_docker_save_style_archive(capsys, tmp_path):
     assert main(["inspect", "--json", str(base)]) == 0
     got = json.loads(capsys.readouterr().out)["images"][0]
     assert [x["diff_id"] for x in got["layers"]] == [sha(LAYERS[0]), sha(LAYERS[1]), sha(LAYERS[0])]
+
+
+@pytest.mark.parametrize(
+    ("repositories", "culprit"),
+    [([1], "repositories"), ({"r": ["1"]}, "repositories['r']"), ({"r": {"1": 2}}, "['1']")],
+)
+def test_merge_refuses_a_repositories_file_of_wrong_types(
+    capsys, tmp_path, out_dir, repositories, culprit
+):
+    extra = {"repositories": member("repositories", _j(repositories))}
+    base = docker_tar(tmp_path / "b.tar", replace=extra)
+    fails(capsys, ["merge", str(base), "-o", str(out_dir / "m.tar")], culprit, out_dir)
+
+
+def test_merge_refuses_a_layer_that_is_not_its_diff_id(capsys, tmp_path, out_dir):
+    layers = [LAYERS[0], LAYERS[1].replace(b"layer 1", b"LAYER 1"), LAYERS[2]]
+    base = docker_tar(tmp_path / "b.tar", config=good_config(), layers=layers)
+    line = fails(
+        capsys, ["merge", str(base), "-o", str(out_dir / "m.tar")], "l1/layer.tar", out_dir
+    )
+    assert "hashes to" in line
+
+
+def test_merge_refuses_a_config_of_wrong_types(capsys, tmp_path, out_dir):
+    base = docker_tar(tmp_path / "b.tar", config=_cfg(config__Labels="x"))
+    fails(capsys, ["merge", str(base), "-o", str(out_dir / "m.tar")], "config.Labels", out_dir)
+
+
+def test_stream_nix_refuses_a_base_layer_that_is_not_its_diff_id(capsys, tmp_path, out_dir):
+    layers = [LAYERS[0], LAYERS[1], LAYERS[2].replace(b"layer 2", b"LAYER 2")]
+    base = docker_tar(tmp_path / "b.tar", config=good_config(), layers=layers)
+    conf = make_store(tmp_path)
+    conf["from_image"] = str(base)
+    argv = ["stream-nix", "-q", str(write_conf(tmp_path, conf)), "-o", str(out_dir / "i.tar")]
+    line = fails(capsys, argv, "l2/layer.tar", out_dir)
+    assert "hashes to" in line

@@ -462,8 +462,8 @@ def hash_range(fd: int, offset: int, size: int) -> str:
     skip = offset - start
     if os.fstat(fd).st_size < offset + size:
         raise FastlayerError(f"base layer: file ends before {offset + size} bytes (truncated)")
+    # no MADV_SEQUENTIAL: it lets the kernel drop the pages the copy still reads
     with mmap.mmap(fd, skip + size, prot=mmap.PROT_READ, offset=start) as m:
-        m.madvise(mmap.MADV_SEQUENTIAL)
         view = memoryview(m)
         try:
             for pos in range(skip, skip + size, HASH_CHUNK):

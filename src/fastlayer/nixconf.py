@@ -18,7 +18,7 @@ from typing import Any
 
 from fastlayer import untrusted as u
 from fastlayer.emit import Owner, Pipeline, ReaderSource, store_layer
-from fastlayer.errors import FastlayerError
+from fastlayer.errors import DigestMismatch, FastlayerError
 from fastlayer.model import Image
 from fastlayer.sinks.docker_archive import DockerArchiveWriter
 from fastlayer.sources.base_archive import BaseArchive, open_base_archive
@@ -197,6 +197,19 @@ def stream_conf(
     return [x.checksum for x in layers]
 
 
+class _Hashing:
+    """A reader that hashes what it hands on (a base layer copied as it is)."""
+
+    def __init__(self, raw: Guarded):
+        self.raw = raw
+        self.digest = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.digest.update(data)
+        return data
+
+
 def _write_image(
     conf: NixConf,
     out: DockerArchiveWriter,
@@ -211,15 +224,21 @@ def _write_image(
     if isinstance(base, BaseArchive):
         # nixpkgs copies the base archive's layer entries as they are
         for ti, diff_id in zip(base.layers, base.diff_ids, strict=True):
-            src = Guarded(base.tar.extractfile(ti), f"base image {conf.from_image}: {ti.name}")  # type: ignore[arg-type]
+            where = f"base image {conf.from_image}: {ti.name}"
+            src = _Hashing(Guarded(base.tar.extractfile(ti), where))  # type: ignore[arg-type]
             out.add_tarinfo(ti, src)  # type: ignore[arg-type]
+            if "sha256:" + src.digest.hexdigest() != diff_id:  # checked as it was copied
+                raise DigestMismatch(
+                    f"{where}: content hashes to sha256:{src.digest.hexdigest()}, "
+                    f"not its diff_id {diff_id}"
+                )
             layers.append(_Layer(re.sub(r"^sha256:", "", diff_id), ti.path, [ti.path]))
         base.close()
     elif base is not None:
         # other formats: each layer uncompressed as <diff_id>/layer.tar, verified
         for layer in base.layers:
             hexd = layer.diff_id.removeprefix("sha256:")
-            out.add_layer(ReaderSource(layer), mtime)
+            out.add_layer(ReaderSource(layer, verify=True), mtime)
             layers.append(_Layer(hexd, f"{hexd}/layer.tar", [f"{hexd}/layer.tar"]))
     makers = [
         functools.partial(store_layer, paths, conf.owner, root) for paths in conf.store_layers

@@ -10,12 +10,13 @@ twice must be the same entry, else the inputs are inconsistent.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import tarfile
 
 from fastlayer import untrusted as u
-from fastlayer.errors import FastlayerError
+from fastlayer.errors import DigestMismatch, FastlayerError
 from fastlayer.sinks.compress import KINDS, kind_for
 from fastlayer.sinks.docker_archive import DockerArchiveWriter
 from fastlayer.sinks.docker_image import archive_writer
@@ -59,7 +60,7 @@ def merge(paths: list[str], out: DockerArchiveWriter) -> int:
         if files.tar is None:
             raise FastlayerError(f"{path} is a directory, not a docker-archive file")
         with files.tar:
-            entries, repos = _check(files)
+            entries, repos, expected = _check(files)
             mtime = max(mtime, files.members["manifest.json"].mtime)
             manifest += entries
             for name, tags in repos.items():
@@ -76,40 +77,85 @@ def merge(paths: list[str], out: DockerArchiveWriter) -> int:
                         )
                     continue
                 seen[name] = (ti, path)
-                _copy(files, ti, out)
+                _copy(files, ti, out, expected.get(name))
     out.add_bytes("manifest.json", json.dumps(manifest, indent=4).encode(), mtime)
     if repositories:
         out.add_bytes("repositories", json.dumps(repositories, indent=4).encode(), mtime)
     return len(manifest)
 
 
-def _check(files: _Files) -> tuple[list[dict], dict[str, dict[str, str]]]:
-    """manifest.json and repositories checked, and every file they name a regular
-    member of this archive (possibly through links inside it)."""
+def _check(files: _Files) -> tuple[list[dict], dict[str, dict[str, str]], dict[str, str]]:
+    """manifest.json, configs and repositories checked, every file they name a
+    regular member of this archive (possibly through links inside it);
+    returns the diff_id each layer member must hash to as well."""
     if "manifest.json" not in files.members:
         raise FastlayerError(f"{files.path} has no manifest.json: not a docker-archive")
     where = files.where("manifest.json")
     entries = schema.docker_manifest(files.json("manifest.json"), where, allow_empty=True)
+    expected: dict[str, str] = {}
     for i, entry in enumerate(entries):
         files.member(entry["Config"], f"{where}[{i}].Config")
-        for k, name in enumerate(entry["Layers"]):
-            files.member(name, f"{where}[{i}].Layers[{k}]")
+        config = schema.image_config(files.json(entry["Config"]), files.where(entry["Config"]))
+        diff_ids = schema.diff_ids_match(len(entry["Layers"]), config, f"image {files.path}")
+        for k, (name, diff_id) in enumerate(zip(entry["Layers"], diff_ids, strict=True)):
+            target = files.member(name, f"{where}[{i}].Layers[{k}]")
+            key = u.member_name(target.name, where)
+            if expected.setdefault(key, diff_id) != diff_id:
+                raise Invalid(f"{where}[{i}].Layers[{k}]: {name} is given two diff_ids")
     repos: dict[str, dict[str, str]] = {}
     if "repositories" in files.members:
         repos = schema.repositories(files.json("repositories"), files.where("repositories"))
-    return entries, repos
+    return entries, repos, expected
 
 
-def _copy(files: _Files, ti: tarfile.TarInfo, out: DockerArchiveWriter) -> None:
+def _copy(
+    files: _Files, ti: tarfile.TarInfo, out: DockerArchiveWriter, diff_id: str | None
+) -> None:
     """An entry copied as it is: a file, a directory, or a link to a regular
-    member of the same archive; never a device, fifo or a link leaving it."""
+    member of the same archive; never a device, fifo or a link leaving it.
+    A layer's bytes are checked against its diff_id as they are copied."""
     where = files.where(ti.name)
     if ti.issym() or ti.islnk():
         files.member(ti.name, where)  # must end at a regular member inside
     elif not (ti.isreg() or ti.isdir()):
         raise Invalid(f"{where}: is a device or fifo entry, which no image holds")
-    src = files.tar.extractfile(ti) if ti.isreg() else None  # type: ignore[union-attr]
-    out.add_tarinfo(ti, Guarded(src, where) if src is not None else None)  # type: ignore[arg-type]
+    if not ti.isreg():
+        out.add_tarinfo(ti, None)
+        return
+    src = _Hashing(Guarded(files.tar.extractfile(ti), where))  # type: ignore[union-attr,arg-type]
+    out.add_tarinfo(ti, src)  # type: ignore[arg-type]
+    if diff_id is None:
+        return
+    got = "sha256:" + src.digest.hexdigest()
+    if got != diff_id and files.plain(ti.name)[0] is not None:  # a compressed one: below
+        raise DigestMismatch(f"{where}: content hashes to {got}, not its diff_id {diff_id}")
+    if got != diff_id:
+        _check_compressed(files, ti.name, where, diff_id)
+
+
+def _check_compressed(files: _Files, name: str, where: str, diff_id: str) -> None:
+    """A layer stored compressed is checked on its uncompressed bytes."""
+    digest = hashlib.sha256()
+    with files.opener(name)() as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    if "sha256:" + digest.hexdigest() != diff_id:
+        raise DigestMismatch(
+            f"{where}: content hashes to sha256:{digest.hexdigest()}, not its diff_id {diff_id}"
+        )
+
+
+class _Hashing:
+    """A reader that hashes what it hands on."""
+
+    def __init__(self, raw: Guarded):
+        self.raw = raw
+        self.digest = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.digest.update(data)
+        return data
 
 
 def run(args: argparse.Namespace) -> int:
