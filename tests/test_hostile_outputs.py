@@ -313,7 +313,17 @@ def test_signal_during_extra_commands_stops_them_and_removes_staging(tmp_path, s
     stop_with(proc, signo)
     assert list((tmp_path / "tmpdir").iterdir()) == []  # no staging directory
     assert not (tmp_path / "out.tar").exists() and leftovers(tmp_path) == []
-    assert not alive(int(pidfile.read_text()))
+    assert gone(int(pidfile.read_text()))
+
+
+def gone(pid: int, timeout: float = 10) -> bool:
+    """Whether pid dies within timeout (a SIGKILL takes effect when it is next scheduled)."""
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def alive(pid: int) -> bool:
@@ -444,3 +454,62 @@ def test_symlinks_in_contents_are_copied_as_symlinks(tmp_path, extra):
     with tarfile.open(fileobj=io.BytesIO(top)) as layer:
         links = {m.name: m.linkname for m in layer.getmembers() if m.issym()}
     assert links == {"/etc/abs": str(secret), "/etc/rel": "../../secret", "/lnk": str(secret)}
+
+
+@pytest.mark.parametrize(
+    "index, words",
+    [
+        (b"[1]", "must be an object"),
+        (b'{"manifests": "x"}', "manifests: must be a list"),
+        (b'{"manifests": [1]}', "manifests[0]: must be an object"),
+        (b"{not json", "not valid JSON"),
+        (None, "a fifo"),
+    ],
+    ids=["list", "manifests-string", "manifest-int", "not-json", "fifo"],
+)
+def test_broken_index_of_an_existing_layout_fails_before_any_blob(tmp_path, index, words):
+    layout = tmp_path / "layout"
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    if index is None:
+        os.mkfifo(layout / "index.json")
+    else:
+        (layout / "index.json").write_bytes(index)
+    before = sorted(p.name for p in layout.rglob("*"))
+    r = cli(tmp_path, "build", str(small_spec(tmp_path)), "-o", str(layout), "--format", "oci-dir")
+    one_error(r, str(layout / "index.json"), words)
+    assert sorted(p.name for p in layout.rglob("*")) == before
+
+
+def test_metadata_into_a_fifo_streams_and_stays_a_fifo(tmp_path):
+    fifo, dev = tmp_path / "meta", char_device(tmp_path)
+    os.mkfifo(fifo)
+    reader, got = read_fifo_in_thread(fifo)
+    before = os.stat(dev)
+    spec = str(small_spec(tmp_path))
+    r = cli(tmp_path, "build", spec, "-o", str(dev), "--metadata", str(fifo))
+    reader.join(10)
+    assert r.returncode == 0, r.stderr.decode()
+    assert json.loads(got[0])["tag"] == "1"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and same_node(before, os.stat(dev))
+
+
+def test_ignored_sighup_stays_ignored(tmp_path):
+    """Under nohup (SIGHUP ignored when started) a hangup does not stop the build."""
+    marker = tmp_path / "started"
+    spec = small_spec(tmp_path, extra_commands=f"touch {marker}; sleep 1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastlayer", "build", str(spec), "-o", "out.tar"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert out == b"1\n" and "manifest.json" in image_names((tmp_path / "out.tar").read_bytes())

@@ -13,8 +13,8 @@ import contextlib
 import importlib
 import signal
 import sys
-import threading
-from collections.abc import Iterator
+
+from fastlayer import interrupts
 
 # Subcommand name -> module in fastlayer.commands, in the order --help lists them.
 COMMANDS = {
@@ -46,47 +46,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised in the main thread so that it unwinds exactly
-    as Ctrl-C does: every `finally` and context manager removes what it made."""
-
-    def __init__(self, signo: int):
-        super().__init__(signo)
-        self.signo = signo
-
-
-TERMINATING = (signal.SIGTERM, signal.SIGHUP)
-
-
-def _terminate(signo: int, frame: object) -> None:
-    # A repeated signal must not cut the cleanup short (SIGINT still can).
-    for s in TERMINATING:
-        signal.signal(s, signal.SIG_IGN)
-    raise Terminated(signo)
-
-
-@contextlib.contextmanager
-def _terminating_signals() -> Iterator[None]:
-    """Install the handlers for the run (main thread only), then put back the old ones."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.signal(s, _terminate) for s in TERMINATING}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv else None).parse_args(argv)
-    with _terminating_signals():
+    with interrupts.handled():
         try:
             return _run(args)
-        except Terminated as e:  # one that came while _run was reporting
+        except interrupts.Terminated as e:  # one that came while _run was reporting
             return 128 + e.signo
+        except KeyboardInterrupt:
+            return 130
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -105,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"fastlayer: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
-    except Terminated as e:
+    except interrupts.Terminated as e:
         with contextlib.suppress(OSError):  # after SIGHUP stderr may be gone
             print(f"fastlayer: stopped by {signal.Signals(e.signo).name}", file=sys.stderr)
         return 128 + e.signo

@@ -82,9 +82,10 @@ def run_stream(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace, result) -> None:
     if args.metadata:
-        from fastlayer.plan.planfile import write_atomic
+        from fastlayer.sinks.output import write_output
 
-        write_atomic(args.metadata, json.dumps(result.metadata(), indent=2) + "\n")
+        # as -o: a fifo or device is written into, never replaced
+        write_output(args.metadata, (json.dumps(result.metadata(), indent=2) + "\n").encode())
     # the tag: on stdout after a build, on stderr when stdout carries the image
     on_stderr = args.func is run_stream or getattr(args, "tag_to_stderr", False)
     print(result.tag, file=sys.stderr if on_stderr else sys.stdout)

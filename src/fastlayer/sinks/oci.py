@@ -111,13 +111,26 @@ class OciDirSink(_OciImage):
         self.root = root
         self.blobs = os.path.join(root, "blobs", "sha256")
         self.created: list[str] = []  # what abort() removes from an existing layout
-        self.old_index: bytes | None = None  # index.json as it was, once replaced
+        self.old_index: bytes | None = None  # index.json as last read
+        self.index_touched = False  # put_index may have replaced index.json
         for d in (os.path.join(root, "blobs"), self.blobs):
             if not os.path.isdir(d):
                 os.mkdir(d)
                 self.created.append(d)
         if not os.path.exists(os.path.join(root, "oci-layout")):
             self._replace("oci-layout", LAYOUT)
+        self._old_manifests()  # a broken index.json fails the build before any work
+
+    def _old_manifests(self) -> list[dict]:
+        """The manifests of the layout's index.json, kept as read for abort()."""
+        path = os.path.join(self.root, "index.json")
+        if not os.path.lexists(path):
+            return []
+        with untrusted.open_regular(path, "OCI layout index") as f:
+            raw = untrusted.read_capped(f, f"OCI layout index {path}")
+        manifests = _index_manifests(raw, path)
+        self.old_index = raw
+        return manifests
 
     def _replace(self, name: str, data: bytes) -> None:
         path = os.path.join(self.root, name)
@@ -164,17 +177,14 @@ class OciDirSink(_OciImage):
         self._write_new(None, lambda w: w.write(data))
 
     def put_index(self, manifest: dict, refs: list[str]) -> None:
-        path = os.path.join(self.root, "index.json")
-        old: list[dict] = []
-        if os.path.lexists(path):
-            with untrusted.open_regular(path, "OCI layout index") as f:
-                self.old_index = untrusted.read_capped(f, f"OCI layout {path}")
-            old = _index_manifests(self.old_index, path)
-        self._replace("index.json", index_json(old, manifest, refs))
+        # read again: another build may have added to the layout meanwhile
+        data = index_json(self._old_manifests(), manifest, refs)
+        self.index_touched = True  # before the rename: a signal may land right after it
+        self._replace("index.json", data)
 
     def abort(self) -> None:
         """Leave the layout as it was: the old index.json back, added files gone."""
-        if self.old_index is not None:
+        if self.old_index is not None and self.index_touched:
             with contextlib.suppress(OSError):
                 self._write_new(os.path.join(self.root, "index.json"), self._put_old_index)
         for path in reversed(self.created):

@@ -103,6 +103,14 @@ def output_fd(path: str | None) -> Iterator[int]:
         yield fd
 
 
+def write_output(path: str, data: bytes) -> None:
+    """data written to path by the same rules as an image (--metadata and the like)."""
+    with output_fd(path) as fd:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
 def _open_stream(path: str) -> int:
     """A fifo or character device opened for writing (a fifo waits for its reader)."""
     try:

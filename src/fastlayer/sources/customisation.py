@@ -18,7 +18,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from fastlayer import untrusted
+from fastlayer import interrupts, untrusted
 from fastlayer._native.tarstream import LayerStream
 from fastlayer.emit import Owner, fsencode, walk
 from fastlayer.errors import FastlayerError
@@ -79,16 +79,17 @@ def run_extra_commands(commands: str, staging: Path) -> None:
     """`/bin/sh -ec commands` in staging, in a process group of its own that is
     killed whole when it ends or the build stops (a signal, an error), so no
     process it started keeps writing into the staging directory."""
-    proc = subprocess.Popen(
-        ["/bin/sh", "-ec", commands],
-        cwd=staging,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",  # its messages may be in any encoding
-        start_new_session=True,
-    )
+    with interrupts.deferred():  # a signal must not come between the start and the try
+        proc = subprocess.Popen(
+            ["/bin/sh", "-ec", commands],
+            cwd=staging,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",  # its messages may be in any encoding
+            start_new_session=True,
+        )
     try:
         _, err = proc.communicate()
     finally:
