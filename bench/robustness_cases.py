@@ -31,6 +31,7 @@ PLAN = [
     *(("stream-nix", k) for k in mutate.BASE_KINDS),
     *(("inspect", k) for k in mutate.BASE_KINDS),
     ("merge", "docker-archive"),
+    ("merge", "docker-archive-gz"),
     ("build-spec", "spec-json"),
     ("build-spec", "spec-toml"),
     ("stream-nix-conf", "nix-conf"),
@@ -59,8 +60,16 @@ def main() -> int:
     ap.add_argument("n", nargs="?", type=int, default=mutate.examples(50))
     ap.add_argument("--seed", type=int, default=9)
     ap.add_argument("--show-failures", action="store_true", help="print every failing case")
+    ap.add_argument(
+        "--entries",
+        action="store_true",
+        help="instead: every entry mutation (op x member x digest fixed or not) of every base "
+        "kind, through build, stream-nix, inspect and merge",
+    )
     args = ap.parse_args()
     mutate.warm()
+    if args.entries:
+        return every_entry_mutation(args.show_failures)
     pick = RandomPick(random.Random(args.seed))
     rows = []
     failures: dict[str, list[str]] = defaultdict(list)
@@ -89,6 +98,41 @@ def main() -> int:
         if args.show_failures:
             for item in items[1:]:
                 print(f"    {item[:400]}")
+    return 0
+
+
+def every_entry_mutation(show: bool) -> int:
+    counts: Counter[tuple[str, str, str]] = Counter()
+    failures: dict[str, list[str]] = defaultdict(list)
+    for command in ("build", "stream-nix", "inspect", "merge"):
+        kinds = ("docker-archive",) if command == "merge" else mutate.BASE_KINDS
+        for kind in kinds:
+            for role in (*mutate.DOCS[kind], "layer0", "layer1"):
+                for op in mutate.ENTRY_OPS:
+                    for fix in (False, True) if op in mutate.DIGEST_OPS else (False,):
+                        case = mutate.Case(
+                            kind, command, mutate.Mutation("entry", role, op, fix_digest=fix)
+                        )
+                        try:
+                            r = mutate.in_fresh_dir(lambda host, c=case: mutate.run_case(c, host))
+                        except mutate.Failure as e:
+                            r = "failure"
+                            first = str(e).splitlines()[0]
+                            failures[f"{command} | {_kind(first)}"].append(
+                                f"{case.describe()} -> {first}"
+                            )
+                        counts[(kind, command, r)] += 1
+    print("| input kind | command | entry cases | exit 1 one-line | valid image | failures |")
+    print("|---|---|---:|---:|---:|---:|")
+    for kind in mutate.BASE_KINDS:
+        for command in ("build", "stream-nix", "inspect", "merge"):
+            row = [counts[(kind, command, r)] for r in ("exit 1", "valid", "failure")]
+            if sum(row):
+                print(f"| {kind} | {command} | {sum(row)} | " + " | ".join(map(str, row)) + " |")
+    for key, items in sorted(failures.items(), key=lambda kv: -len(kv[1])):
+        print(f"\n- {len(items)}x {key}\n    e.g. {items[0][:400]}")
+        for item in items[1:] if show else []:
+            print(f"    {item[:400]}")
     return 0
 
 

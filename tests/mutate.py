@@ -39,8 +39,10 @@ from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
-BASE_KINDS = ("docker-archive", "docker-legacy", "docker-dir", "oci-dir", "oci-archive")
-TAR_KINDS = ("docker-archive", "docker-legacy", "oci-archive")
+BASE_KINDS = (
+    "docker-archive", "docker-archive-gz", "docker-legacy", "docker-dir", "oci-dir", "oci-archive",
+)  # fmt: skip
+TAR_KINDS = ("docker-archive", "docker-archive-gz", "docker-legacy", "oci-archive")
 HANG_SECONDS = float(os.environ.get("FASTLAYER_ROBUSTNESS_DEADLINE", 10))
 PREFIX = "fastlayer: error: "
 EPOCH = "1970-01-01T00:00:01Z"
@@ -234,6 +236,7 @@ def oci_entries(hook: Hook, layer_digests: dict[int, str]) -> list[Entry]:
 ENTRIES = {
     "docker-archive": docker_entries,
     "docker-dir": docker_entries,
+    "docker-archive-gz": docker_entries,
     "docker-legacy": legacy_entries,
     "oci-dir": oci_entries,
     "oci-archive": oci_entries,
@@ -241,6 +244,7 @@ ENTRIES = {
 DOCS = {
     "docker-archive": ("manifest.json", "config"),
     "docker-dir": ("manifest.json", "config"),
+    "docker-archive-gz": ("manifest.json", "config"),
     "docker-legacy": ("repositories", "json0", "json1"),
     "oci-dir": ("index.json", "manifest", "config", "oci-layout"),
     "oci-archive": ("index.json", "manifest", "config", "oci-layout"),
@@ -418,7 +422,8 @@ def mutate_json(doc: Any, m: Mutation, host: Host, at: Path) -> Any:
 
 def build_base(kind: str, m: Mutation, host: Host) -> Path:
     """The valid base image of kind under host.inp, with m applied."""
-    path = host.inp / {"docker-dir": "base-dir", "oci-dir": "base-oci"}.get(kind, "base.tar")
+    names = {"docker-dir": "base-dir", "oci-dir": "base-oci", "docker-archive-gz": "base.tar.gz"}
+    path = host.inp / names.get(kind, "base.tar")
     at = path if kind in ("docker-dir", "oci-dir") else path.parent
 
     def hook(role: str, doc: Any) -> Any:
@@ -431,8 +436,9 @@ def build_base(kind: str, m: Mutation, host: Host) -> Path:
         # the layer stays, its diff_id (and OCI digest) names other bytes
         digests[int(m.role[-1])] = sha256(LAYERS[1 - int(m.role[-1])])
     if m.level == "entry" and m.fix_digest and m.role in ("layer0", "layer1"):
-        target = LAYERS[0] if m.op == "internal-link" else host.secret_tar.read_bytes()
-        digests[int(m.role[-1])] = sha256(target)
+        i = int(m.role[-1])  # internal-link points layer i at the other layer
+        target = LAYERS[1 - i] if m.op == "internal-link" else host.secret_tar.read_bytes()
+        digests[i] = sha256(target)
     entries = ENTRIES[kind](hook, digests)
     if m.level == "entry":
         entries = mutate_entries(entries, m, host, at)
@@ -441,6 +447,8 @@ def build_base(kind: str, m: Mutation, host: Host) -> Path:
         write_dir(path, entries)
     else:
         write_tar(path, entries)
+        if kind == "docker-archive-gz":  # the whole archive compressed, as `docker save | gzip`
+            path.write_bytes(gzip.compress(path.read_bytes(), mtime=0))
         if m.level == "bytes":
             mutate_bytes(path, m)
     return path
@@ -1049,7 +1057,8 @@ PLAN_STRATEGIES = ("popularity", "limit", "auto")
 def draw_case(p: Pick, command: str, kind: str | None = None) -> Case:
     """A case for command; kind defaults to one drawn from those it takes."""
     if command in ("build", "stream-nix", "inspect", "merge"):
-        kind = kind or ("docker-archive" if command == "merge" else p.one(BASE_KINDS))
+        kinds = ("docker-archive", "docker-archive-gz") if command == "merge" else BASE_KINDS
+        kind = kind or p.one(kinds)
         return Case(kind, command, draw_base_mutation(p, kind))
     if command == "build-spec":
         kind = kind or p.one(("spec-json", "spec-toml"))
