@@ -1,17 +1,14 @@
-"""auto: nixpkgs' auto-layer on a hand-worked graph, and auto-layer.py itself on
-random graphs when it is available locally."""
+"""auto: nixpkgs' auto-layer on a hand-worked graph, and auto-layer.py's outputs on
+random graphs (recorded in tests/data/nixpkgs/; also run live when present)."""
 
 from __future__ import annotations
 
-import json
-import os
+import copy
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from nixpkgs_ref import recorded, run_auto_layer
 
 from fastlayer._native import rank
 from fastlayer.graph import graph_from_json
@@ -19,7 +16,7 @@ from fastlayer.plan import make_plan
 from fastlayer.plan.auto import auto_layers, path_key
 
 S = "/nix/store/"
-REF_DIR = Path(os.environ.get("FASTLAYER_REF_DIR", "/tmp/ref"))
+AUTO_CASES = recorded("auto")["cases"]
 APP, LIBA, LIBB, GLIBC = S + "h1-app", S + "h2-libA", S + "h3-libB", S + "h4-glibc"
 
 
@@ -82,29 +79,13 @@ def random_nodes(seed: int, n: int, p: float) -> list[dict]:
     return nodes
 
 
-@pytest.mark.parametrize("seed", range(15))
-def test_random_graphs_match_auto_layer_py(seed, tmp_path):
-    script = REF_DIR / "auto-layer.py"
-    if not script.exists():
-        pytest.skip(f"auto-layer.py not found in {REF_DIR} (set FASTLAYER_REF_DIR)")
-    r = random.Random(seed)
-    nodes = random_nodes(seed, r.randint(1, 50), r.choice([0.03, 0.1, 0.3]))
-    limit = r.choice([1, 2, 4, 10, 100])
-    f = tmp_path / "g.json"
-    f.write_text(json.dumps(nodes))
-    ref = json.loads(
-        subprocess.run(
-            [sys.executable, str(script), str(f), "/dev/null", str(limit)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-    g = graph_from_json(nodes)
+@pytest.mark.parametrize("case", AUTO_CASES, ids=lambda c: f"seed{c['seed']}")
+def test_random_graphs_match_auto_layer_py(case, tmp_path):
+    """auto-layer.py's recorded layers for random graphs (and a live run when
+    FASTLAYER_REF_DIR holds the script)."""
+    nodes, limit = case["nodes"], case["limit"]
+    g = graph_from_json(copy.deepcopy(nodes))
     mine = auto_layers(g, limit)
-    # Same layers; nixpkgs orders equal closure sizes by set hash order, so only
-    # compare the order where closure sizes differ.
-    assert sorted(map(tuple, mine)) == sorted(map(tuple, ref))
     idx = g.index()
 
     def closure_size(layer):
@@ -112,7 +93,22 @@ def test_random_graphs_match_auto_layer_py(seed, tmp_path):
         rows = np.array([idx[p] for p in layer], dtype=np.int32)
         return int(g.nar_size[rank.reach(g.indptr, g.indices, rows, mark, 1, True)].sum())
 
-    assert [closure_size(x) for x in mine] == [closure_size(x) for x in ref]
+    references = [case["layers"]]
+    live = run_auto_layer(nodes, limit, tmp_path)
+    if live is not None:
+        references.append(live)
+    for ref in references:
+        # Same layers; nixpkgs orders equal closure sizes by set hash order, so only
+        # compare the order where closure sizes differ.
+        assert sorted(map(tuple, mine)) == sorted(map(tuple, ref))
+        assert [closure_size(x) for x in mine] == [closure_size(x) for x in ref]
+
+
+def test_recorded_auto_cases_are_not_trivial():
+    # the recording covers merged layers, several layers and the layer limit
+    assert any(len(c["layers"]) == c["limit"] > 1 for c in AUTO_CASES)
+    assert any(len(layer) > 1 for c in AUTO_CASES for layer in c["layers"])
+    assert any(len(c["layers"]) > 4 for c in AUTO_CASES)
 
 
 def test_path_key_ranks_fast_path_sorts_like_path_key():

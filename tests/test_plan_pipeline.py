@@ -1,15 +1,15 @@
 """pipeline: nixpkgs' layeringPipeline steps on a hand-worked graph, and
-flatten_references_graph itself on random graphs and pipelines when available."""
+flatten_references_graph's outputs on random graphs and pipelines (recorded in
+tests/data/nixpkgs/; also run live when present)."""
 
 from __future__ import annotations
 
+import copy
 import json
-import os
 import random
-import sys
-from pathlib import Path
 
 import pytest
+from nixpkgs_ref import recorded, run_pipeline
 
 from fastlayer.cli import main
 from fastlayer.errors import FastlayerError
@@ -17,7 +17,7 @@ from fastlayer.graph import graph_from_json
 from fastlayer.plan.pipeline import pipeline_layers
 
 S = "/nix/store/"
-REF_DIR = Path(os.environ.get("FASTLAYER_REF_DIR", "/tmp/ref"))
+PIPELINE_CASES = recorded("pipeline")["cases"]
 APP, LIBA, LIBB, GLIBC = S + "h1-app", S + "h2-libA", S + "h3-libB", S + "h4-glibc"
 
 
@@ -134,20 +134,6 @@ def test_plan_command_with_a_pipeline_file(tmp_path, capsys):
     assert "more than the budget of 1" in capsys.readouterr().err
 
 
-def _reference():
-    if not (REF_DIR / "flatten_references_graph").is_dir():
-        pytest.skip(f"flatten_references_graph not found in {REF_DIR} (set FASTLAYER_REF_DIR)")
-    try:
-        import igraph  # noqa: F401
-        import toolz  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"flatten_references_graph needs {e.name} (pip install igraph toolz)")
-    sys.path.insert(0, str(REF_DIR))
-    from flatten_references_graph.flatten_references_graph import flatten_references_graph
-
-    return flatten_references_graph
-
-
 def random_case(seed):
     r = random.Random(seed)
     n = r.randint(2, 25)
@@ -163,9 +149,11 @@ def random_case(seed):
     r.shuffle(graph)
 
     def some():
-        return r.sample(names, r.randint(1, 3))
+        return r.sample(names, r.randint(1, min(3, n)))
 
-    big = n + 1  # limit_layers with fewer items crashes nixpkgs' script: avoid
+    # limit_layers(k) on fewer than k items crashes nixpkgs' script (it merges
+    # nothing): one layer per path gives n items, n - 1 after an exclude
+    most = max(1, n - 1)
     steps = r.choice(
         [
             [["popularity_contest"], ["limit_layers", r.randint(1, n)]],
@@ -183,13 +171,21 @@ def random_case(seed):
                 ["flatten"],
                 ["map", ["popularity_contest"]],
                 ["flatten"],
-                ["limit_layers", big],
+                ["limit_layers", r.randint(1, most)],
                 ["reverse"],
+            ],
+            [
+                ["subcomponent_in", some()],
+                [
+                    "over",
+                    "rest",
+                    ["pipe", [["popularity_contest"], ["reverse"], ["limit_layers", 1]]],
+                ],
             ],
             [
                 ["remove_paths", some()],
                 ["popularity_contest"],
-                ["limit_layers", r.randint(1, n - 1) if n > 2 else 1],
+                ["limit_layers", r.randint(1, most) if n > 2 else 1],
             ],
         ]
     )
@@ -197,12 +193,34 @@ def random_case(seed):
     return graph, steps, exclude
 
 
-@pytest.mark.parametrize("seed", range(30))
-def test_random_pipelines_match_flatten_references_graph(seed):
-    reference = _reference()
-    graph, steps, exclude = random_case(seed)
-    try:
-        expected = reference(json.loads(json.dumps(graph)), steps, exclude_paths=exclude)
-    except (TypeError, KeyError) as e:
-        pytest.skip(f"nixpkgs' script fails on this case: {e}")
-    assert pipeline_layers(graph_from_json(graph), steps, exclude or ()) == expected
+@pytest.mark.parametrize("case", PIPELINE_CASES, ids=lambda c: f"seed{c['seed']}")
+def test_random_pipelines_match_flatten_references_graph(case):
+    """flatten_references_graph's recorded layers for random graphs and pipelines
+    (and a live run when FASTLAYER_REF_DIR holds it, with igraph and toolz)."""
+    graph, steps, exclude = case["graph"], case["steps"], case["exclude"]
+    mine = pipeline_layers(graph_from_json(copy.deepcopy(graph)), steps, exclude or ())
+    assert mine == case["layers"]
+    live = run_pipeline(graph, steps, exclude)
+    if live is not None:
+        assert live == {"layers": mine}
+
+
+STEPS = {
+    "popularity_contest", "limit_layers", "split_every", "subcomponent_out", "subcomponent_in",
+    "over", "split_paths", "flatten", "map", "remove_paths", "reverse", "pipe",
+}  # fmt: skip
+
+
+def step_names(x):
+    if isinstance(x, list):
+        if x and isinstance(x[0], str) and x[0] in STEPS:
+            yield x[0]
+        for y in x:
+            yield from step_names(y)
+
+
+def test_recorded_pipeline_cases_cover_every_step():
+    used = {name for case in PIPELINE_CASES for name in step_names(case["steps"])}
+    assert used == STEPS
+    assert len(PIPELINE_CASES) == 30
+    assert any(case["exclude"] for case in PIPELINE_CASES)

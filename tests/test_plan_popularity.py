@@ -1,23 +1,21 @@
 """popularity: the formula on hand-made graphs, exactness past 2**128, and nixpkgs'
-closure-graph.py itself on random graphs when it is available locally."""
+closure-graph.py's outputs (recorded in tests/data/nixpkgs/; also run live when present)."""
 
 from __future__ import annotations
 
+import copy
 import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from nixpkgs_ref import recorded, run_closure_graph
 
 from fastlayer.cli import main
 from fastlayer.graph import graph_from_json
 from fastlayer.plan.popularity import popularity, ranked_paths, tie_key
 
 S = "/nix/store/"
-REF_DIR = Path(os.environ.get("FASTLAYER_REF_DIR", "/tmp/ref"))
+POPULARITY_CASES = recorded("popularity")["cases"]
 
 
 def graph(edges: dict[str, str]):
@@ -151,32 +149,35 @@ def test_random_graphs_match_the_formula(seed):
     assert ranked_paths(graph_from_json(nodes)) == expected_order(nodes)
 
 
-def _reference_rank(nodes: list[dict], tmp_path: Path) -> list[str]:
-    script = REF_DIR / "closure-graph.py"
-    if not script.exists():
-        pytest.skip(f"closure-graph.py not found in {REF_DIR} (set FASTLAYER_REF_DIR)")
+@pytest.mark.parametrize("case", POPULARITY_CASES, ids=lambda c: c["name"])
+def test_graphs_match_closure_graph_py(case, tmp_path, capsys):
+    """closure-graph.py's recorded ranking of random graphs and of a 140-level
+    diamond chain (popularities past 2**128), and a live run when it is present."""
+    nodes = case["nodes"]
+    references = [case["ranked"]]
+    live = run_closure_graph(nodes, tmp_path)
+    if live is not None:
+        references.append(live)
+    mine = ranked_paths(graph_from_json(copy.deepcopy(nodes)))
+    # and the command is a drop-in: same lines on stdout
     f = tmp_path / "graph.json"
     f.write_text(json.dumps({"graph": nodes}))
-    out = subprocess.run(
-        [sys.executable, str(script), str(f), "graph"], capture_output=True, text=True, check=True
-    ).stdout
-    return out.splitlines()
+    assert main(["rank", str(f), "graph"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    for ref in references:
+        assert mine == ref
+        assert printed == ref
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_random_graphs_match_closure_graph_py(seed, tmp_path, capsys):
-    r = random.Random(100 + seed)
-    nodes = random_nodes(100 + seed, r.randint(1, 40), r.choice([0.05, 0.2, 0.5]))
-    ref = _reference_rank(nodes, tmp_path)
-    assert ranked_paths(graph_from_json(nodes)) == ref
-    # and the command is a drop-in: same bytes on stdout
-    assert main(["rank", str(tmp_path / "graph.json"), "graph"]) == 0
-    assert capsys.readouterr().out.splitlines() == ref
-
-
-def test_deep_diamonds_match_closure_graph_py(tmp_path):
-    nodes = diamond_chain(140)
-    assert ranked_paths(graph_from_json(nodes)) == _reference_rank(nodes, tmp_path)
+def test_recorded_popularity_inputs():
+    # the deep case is the diamond chain these tests build, and the set holds
+    # graphs with edges, self references and ties
+    deep = {c["name"]: c for c in POPULARITY_CASES}["diamonds140"]
+    assert deep["nodes"] == diamond_chain(140)
+    assert len(POPULARITY_CASES) == 13
+    nodes = [n for c in POPULARITY_CASES for n in c["nodes"]]
+    assert any(n["path"] in n["references"] for n in nodes)
+    assert sum(len(n["references"]) for n in nodes) > 500
 
 
 def test_rank_command_writes_a_file(tmp_path):

@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from nixpkgs_ref import BASE, archive_summary, fixed_store, recorded
 from tarref import reference_image
 
 REF_SCRIPT = Path(os.environ.get("FASTLAYER_REF_DIR", "/tmp/ref")) / "stream_layered_image.py"
+STREAM_CASES = recorded("stream")["cases"]
 
 
 def run_cli(*args: str, stdout=subprocess.PIPE, cwd=None) -> subprocess.CompletedProcess:
@@ -156,13 +158,62 @@ def test_root_reads_a_chroot_store(tmp_path, conf):
     assert "/nix/store/0a2k8c1n7dq5h0d8z2b4l6c1w3x4y5z6-app-1.0/bin/app" in names
 
 
-@pytest.mark.skipif(not REF_SCRIPT.exists(), reason=f"nixpkgs script not at {REF_SCRIPT}")
-def test_equals_the_nixpkgs_script(tmp_path, conf):
-    path = write_conf(tmp_path, conf)
-    ref = subprocess.run([sys.executable, str(REF_SCRIPT), str(path)], capture_output=True)
-    assert ref.returncode == 0, ref.stderr
-    r = run_cli("stream-nix", "-q", str(path))
-    assert r.stdout == ref.stdout
+def stream_recorded_case(case: dict, root: Path, tmp_path: Path, **replace) -> bytes:
+    """`fastlayer stream-nix` on a recorded case's conf (its /nix/store paths read
+    under ROOT unless `replace` rewrites them)."""
+    text = json.dumps(case["conf"])
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    conf = tmp_path / f"{case['name']}.json"
+    conf.write_text(text)
+    args = ["--root", str(root)] if not replace else []
+    tag = ["-t", case["tag"]] if case["tag"] else []
+    r = run_cli("stream-nix", "-q", *args, str(conf), *tag)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def assert_recorded(data: bytes, case: dict) -> None:
+    summary = archive_summary(data)
+    assert summary["members"] == case["members"]  # names, sizes and digests first
+    assert (summary["size"], summary["sha256"]) == (case["size"], case["sha256"])
+
+
+@pytest.mark.parametrize("case", STREAM_CASES, ids=lambda c: c["name"])
+def test_equals_the_nixpkgs_script(case, tmp_path):
+    """The archive nixpkgs' script wrote for fixed inputs (recorded: sha256 of the
+    whole archive and of each member); with the script in FASTLAYER_REF_DIR, also
+    the same bytes as a live run."""
+    root = tmp_path / "root"
+    fixed_store(root)
+    if "base" in case:  # a base image made by fastlayer, checked like the others
+        base = next(c for c in STREAM_CASES if c["name"] == case["base"])
+        data = stream_recorded_case(base, root, tmp_path)
+        assert_recorded(data, base)
+        (root / BASE.lstrip("/")).write_bytes(data)
+    mine = stream_recorded_case(case, root, tmp_path)
+    assert_recorded(mine, case)
+    if REF_SCRIPT.exists():  # live: the same store read at its real path by both
+        store = str(root / "nix" / "store")
+        conf = tmp_path / "live.json"
+        conf.write_text(json.dumps(case["conf"]).replace("/nix/store", store))
+        tag = ["-t", case["tag"]] if case["tag"] else []
+        ref = subprocess.run(
+            [sys.executable, str(REF_SCRIPT), str(conf), *tag], capture_output=True
+        )
+        assert ref.returncode == 0, ref.stderr
+        assert stream_recorded_case(case, root, tmp_path, **{"/nix/store": store}) == ref.stdout
+
+
+def test_recorded_stream_cases():
+    # what the recorded archives hold: PAX long names, a hard link copied as a
+    # file, base layers first, the tag override
+    by_name = {c["name"]: c for c in STREAM_CASES}
+    plain = by_name["plain"]
+    assert len(plain["members"]) == 5 and plain["members"][-1][0] == "manifest.json"
+    assert by_name["tag-override"]["sha256"] != plain["sha256"]
+    child = [m[0] for m in by_name["from-image"]["members"]]
+    assert child[:2] == [m[0] for m in by_name["base"]["members"][:2]]
 
 
 def error_of(tmp_path: Path, conf_text: str, *extra: str) -> str:
