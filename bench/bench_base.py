@@ -40,12 +40,18 @@ def timed(argv: list[str], stdout=None) -> float:
     return time.perf_counter() - t
 
 
-def interleaved(runs: dict[str, tuple[list[str], Path | None]], repeat: int) -> dict[str, float]:
+def interleaved(
+    runs: dict[str, tuple[list[str], Path | None]], repeat: int, outputs: list[Path]
+) -> dict[str, float]:
     """Best wall time of each run, the runs taken in turn each round so that a
     change of machine load hits them alike; the first round warms the cache."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat + 1):
         for name, (argv, out) in runs.items():
+            # a previous run's gigabyte is freed here, untimed, for every run alike
+            # (fastlayer renames over its output, cat truncates it)
+            for f in outputs:
+                f.unlink(missing_ok=True)
             if out is not None:
                 with open(out, "wb") as f:
                     times[name].append(timed(argv, stdout=f))
@@ -97,7 +103,8 @@ def main() -> int:
             None,
         ),
     }
-    best = interleaved(runs, args.repeat)
+    outputs = [out / f for f in ("fastlayer-cat.out", "fastlayer-o.tar", "fastlayer-v.tar")]
+    best = interleaved(runs, args.repeat, outputs)
     cat = best["cat base.tar > out"]
     for f in ("fastlayer-cat.out", "fastlayer-o.tar", "fastlayer-v.tar"):
         (out / f).unlink(missing_ok=True)

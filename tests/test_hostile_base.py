@@ -752,3 +752,18 @@ def test_stream_nix_refuses_a_base_layer_that_is_not_its_diff_id(capsys, tmp_pat
     argv = ["stream-nix", "-q", str(write_conf(tmp_path, conf)), "-o", str(out_dir / "i.tar")]
     line = fails(capsys, argv, "l2/layer.tar", out_dir)
     assert "hashes to" in line
+
+
+def test_docker_dir_layer_that_is_a_device_node(tmp_path, out_dir):
+    base = docker_dir(tmp_path / "b")
+    (base / "l0" / "layer.tar").unlink()
+    try:
+        os.mknod(base / "l0" / "layer.tar", 0o600 | 0o020000, os.makedev(1, 5))  # /dev/zero's
+    except PermissionError:
+        pytest.skip("creating a device node needs root")
+    spec = spec_for(tmp_path, base)
+    line = fails_proc(
+        ["build", "-q", str(spec), "-o", str(out_dir / "i.tar")], "l0/layer.tar", out_dir
+    )
+    assert "character device" in line
+    fails_proc(["inspect", str(base)], "character device")
