@@ -767,3 +767,13 @@ def test_docker_dir_layer_that_is_a_device_node(tmp_path, out_dir):
     )
     assert "character device" in line
     fails_proc(["inspect", str(base)], "character device")
+
+
+def test_base_layers_are_verified_by_default(capsys, tmp_path, out_dir):
+    layers = [LAYERS[0].replace(b"layer 0", b"LAYER 0"), LAYERS[1], LAYERS[2]]
+    base = docker_tar(tmp_path / "b.tar", config=good_config(), layers=layers)
+    spec = json.loads(spec_for(tmp_path, base).read_text())
+    del spec["verify_base"]
+    (tmp_path / "default.json").write_text(json.dumps(spec))
+    argv = ["build", "-q", str(tmp_path / "default.json"), "-o", str(out_dir / "i.tar")]
+    assert "hashes to" in fails(capsys, argv, "l0/layer.tar", out_dir)
