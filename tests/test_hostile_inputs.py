@@ -475,3 +475,15 @@ def test_registration_time_is_checked(tmp_path, args, env, needle):
 def test_edge_times_are_accepted():
     spec = load_spec({"name": "app", "created": "9999-12-31T23:59:59Z", "mtime": 0})
     assert (spec.created, spec.mtime) == ("9999-12-31T23:59:59Z", "1970-01-01T00:00:00+00:00")
+
+
+def test_control_characters_in_a_name_cannot_split_the_error_line(tmp_path, capsys):
+    # A path from the spec is echoed in the error: its newline and escape
+    # sequence must come out escaped, on the one line.
+    spec = tmp_path / "spec.json"
+    body = {"name": "app", "store_root": "a\nb\x1b[31m", "contents": {"store_paths": [A]}}
+    body["contents"]["graph"] = str(tmp_path / "g.json")
+    (tmp_path / "g.json").write_text("[]")
+    spec.write_text(json.dumps(body))
+    line = one_error(capsys, ["build", str(spec), "-o", str(tmp_path / "o.tar")], "a\\nb\\x1b[31m")
+    assert "\x1b" not in line

@@ -58,13 +58,22 @@ def main(argv: list[str] | None = None) -> int:
             return 130
 
 
+def one_line(message: str) -> str:
+    """message with newlines and other control characters escaped: a name read
+    from outside (a path, a member, a server's text) cannot split the error
+    line or write escape sequences to the terminal."""
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def _run(args: argparse.Namespace) -> int:
     from fastlayer.errors import FastlayerError
 
     try:
         return int(args.func(args) or 0)
     except FastlayerError as e:
-        print(f"fastlayer: error: {e}", file=sys.stderr)
+        print(f"fastlayer: error: {one_line(str(e))}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): not our error to report.
@@ -72,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as e:
         # Environment failures (disk full, unwritable output): one line, no traceback.
         where = f": {e.filename}" if e.filename else ""
-        print(f"fastlayer: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"fastlayer: error: {one_line(f'{e.strerror or e}{where}')}", file=sys.stderr)
         return 1
     except interrupts.Terminated as e:
         with contextlib.suppress(OSError):  # after SIGHUP stderr may be gone
