@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from closures import make_closure
 
-from fastlayer.sinks.base import open_sink
+from fastlayer.sinks import open_sink
 from fastlayer.sinks.oci import OciDirSink
 
 IS_ROOT = os.geteuid() == 0

@@ -14,7 +14,7 @@ from test_sinks import config_for, make_store
 
 from fastlayer.cli import main
 from fastlayer.emit import Owner, StreamSource, fsencode, store_layer, walk
-from fastlayer.sinks.base import open_sink
+from fastlayer.sinks import open_sink
 
 ALICE = Owner(mtime=7, uid=1000, gid=100, uname="alice", gname="users")
 

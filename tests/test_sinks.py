@@ -23,7 +23,8 @@ import zstandard
 import fastlayer
 from fastlayer.emit import Owner, StreamSource, store_layer
 from fastlayer.errors import FastlayerError
-from fastlayer.sinks.base import open_sink, split_ref
+from fastlayer.sinks import open_sink
+from fastlayer.sinks.base import split_ref
 from fastlayer.sinks.compress import compressor
 from fastlayer.sinks.docker_image import chain_id
 

@@ -221,7 +221,7 @@ def build(
     progress: bool = False,
 ) -> BuildResult:
     """Build the image of spec into output (None: stdout) in the given format."""
-    from fastlayer.sinks.base import open_sink
+    from fastlayer.sinks import open_sink
 
     spec = load_spec(spec)
 

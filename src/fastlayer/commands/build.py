@@ -7,8 +7,8 @@ import json
 import sys
 
 from fastlayer.errors import FastlayerError
+from fastlayer.sinks import FORMATS
 
-FORMATS = ("docker-archive", "oci-dir", "oci-archive")
 COMPRESS_BY_SUFFIX = {".tar.gz": "gzip", ".tgz": "gzip", ".tar.zst": "zstd", ".tar": "none"}
 
 

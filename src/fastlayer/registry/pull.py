@@ -394,7 +394,7 @@ def _write_docker(
 ) -> None:
     """Each layer decompressed into the docker-archive sink, its diff_id verified."""
     from fastlayer.emit import ReaderSource
-    from fastlayer.sinks.base import open_sink
+    from fastlayer.sinks import open_sink
     from fastlayer.sources.base_image import decompressed
 
     def opener(path: str):

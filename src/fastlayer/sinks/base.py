@@ -1,4 +1,4 @@
-"""The one interface every image sink speaks, and `open_sink` that picks one.
+"""The one interface every image sink speaks (fastlayer.sinks.open_sink picks one).
 
 A sink takes layers bottom first (each produced exactly once), then the
 image config, and writes one image: a docker-archive (current and legacy
@@ -14,16 +14,11 @@ is left at the output path.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fastlayer.errors import FastlayerError
 from fastlayer.model import LayerSource, WrittenLayer
-
-FORMATS = ("docker-archive", "oci-dir", "oci-archive")
 
 
 @dataclass
@@ -67,44 +62,6 @@ def full_tags(repo_tags: list[str], name: str, tag: str) -> list[str]:
     if not repo_tags and name:
         repo_tags = [f"{name}:{tag or 'latest'}"]
     return [":".join(split_ref(t)) for t in repo_tags]
-
-
-@contextlib.contextmanager
-def open_sink(
-    output: str | None,
-    format: str = "docker-archive",
-    compress: str = "none",
-    name: str = "",
-    tag: str = "",
-    mtime: int = 0,
-) -> Iterator[ImageSink]:
-    """A sink writing one image to output (None or "-": stdout, archives only).
-
-    compress: "none", "gzip", "zstd", or "auto" (by output extension). For a
-    docker-archive it compresses the whole archive; for OCI formats, each
-    layer blob (OCI media types say so). name/tag: the image's reference when
-    finish() is given no repo_tags. mtime: of the archive's own entries."""
-    from fastlayer.sinks.compress import kind_for
-
-    kind = kind_for(output, compress)
-    if format == "docker-archive":
-        from fastlayer.sinks.docker_image import docker_archive_sink
-
-        opened = docker_archive_sink(output, kind, name, tag, mtime)
-    elif format == "oci-archive":
-        from fastlayer.sinks.oci import oci_archive_sink
-
-        opened = oci_archive_sink(output, kind, name, tag, mtime)
-    elif format == "oci-dir":
-        from fastlayer.sinks.oci import oci_dir_sink
-
-        if output in (None, "-"):
-            raise FastlayerError("--format oci-dir needs an output directory (-o DIR)")
-        opened = oci_dir_sink(output, kind, name, tag)
-    else:
-        raise FastlayerError(f"unknown output format {format!r}; use one of {', '.join(FORMATS)}")
-    with opened as sink:
-        yield sink
 
 
 class Finishing:
