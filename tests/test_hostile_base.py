@@ -617,7 +617,9 @@ BAD_CONFS = [
     ("uname", 5, "'uname'"),
     ("gname", None, "'gname'"),
     ("config", [], "'config'"),
-    ("config", {"Env": "A=1"}, "config.Env"),
+    ("config", {"Env": "A=1"}, "'config'.Env"),
+    ("config", {"Cmd": [["/bin/run"]]}, "'config'.Cmd[0]"),
+    ("config", {"Labels": []}, "'config'.Labels"),
     ("from_image", 5, "'from_image'"),
     ("customisation_layer", ["x"], "'customisation_layer'"),
 ]
@@ -777,3 +779,48 @@ def test_base_layers_are_verified_by_default(capsys, tmp_path, out_dir):
     (tmp_path / "default.json").write_text(json.dumps(spec))
     argv = ["build", "-q", str(tmp_path / "default.json"), "-o", str(out_dir / "i.tar")]
     assert "hashes to" in fails(capsys, argv, "l0/layer.tar", out_dir)
+
+
+# --- duplicate members and legacy layers that are not tars ---------------------------
+
+
+def test_legacy_layer_with_a_damaged_header(capsys, tmp_path, out_dir):
+    # No diff_id to check a legacy layer against: its tar headers are what we can see.
+    damaged = bytearray(LAYERS[0])
+    damaged[150] ^= 0xFF  # inside the first header's checksummed bytes
+    top = "a" * 64
+    link = member(f"{top}/layer.tar", bytes(damaged))
+    base = legacy_tar(tmp_path / "b.tar", {"r": {"1": top}}, link=link)
+    build_fails(capsys, tmp_path, base, "layer.tar: not a tar archive", out_dir)
+
+
+def test_legacy_layer_that_is_not_a_tar(capsys, tmp_path, out_dir):
+    top = "a" * 64
+    link = member(f"{top}/layer.tar", b"[]")
+    base = legacy_tar(tmp_path / "b.tar", {"r": {"1": top}}, link=link)
+    fails(capsys, ["inspect", str(base)], "not a tar archive")
+    build_fails(capsys, tmp_path, base, "not a tar archive", out_dir)
+
+
+def with_duplicate(path: Path, name: str, data: bytes) -> Path:
+    """path with a second member called name appended (tar readers take the last)."""
+    with tarfile.open(path, "a") as t:
+        ti, body = member(name, data)
+        t.addfile(ti, io.BytesIO(body))
+    return path
+
+
+def test_duplicate_layer_member_is_refused(capsys, tmp_path, out_dir):
+    base = with_duplicate(docker_tar(tmp_path / "b.tar"), "l0/layer.tar", LAYERS[1])
+    build_fails(capsys, tmp_path, base, "holds 'l0/layer.tar' more than once", out_dir)
+
+
+def test_merge_refuses_a_duplicate_manifest(capsys, tmp_path, out_dir):
+    good = docker_tar(tmp_path / "g.tar")
+    base = with_duplicate(docker_tar(tmp_path / "b.tar"), "manifest.json", b"[]")
+    fails(
+        capsys,
+        ["merge", str(good), str(base), "-o", str(out_dir / "m.tar")],
+        "holds 'manifest.json' more than once",
+        out_dir,
+    )

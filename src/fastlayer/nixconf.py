@@ -21,6 +21,7 @@ from fastlayer.emit import Owner, Pipeline, ReaderSource, store_layer
 from fastlayer.errors import DigestMismatch, FastlayerError
 from fastlayer.model import Image
 from fastlayer.sinks.docker_archive import DockerArchiveWriter
+from fastlayer.sources import schema
 from fastlayer.sources.base_archive import BaseArchive, open_base_archive
 from fastlayer.sources.base_image import Guarded, open_image
 from fastlayer.untrusted import Invalid, short
@@ -102,9 +103,8 @@ def load_conf(path: str) -> NixConf:
     for key in ("architecture", "store_dir", "customisation_layer", "repo_tag", "uname", "gname"):
         u.of_type(raw[key], str, f"{where}: conf key {key!r}")
     u.of_type(raw["from_image"], (str, type(None)), f"{where}: conf key 'from_image'")
-    config = u.of_type(raw["config"], dict, f"{where}: conf key 'config'")
-    if "Env" in config:  # merged with a base image's Env
-        u.str_list(config["Env"], f"{where}: config.Env", allow_none=True)
+    # The image config's types, as for a base image's: what skopeo and podman read.
+    schema.runtime_config(raw["config"], f"{where}: conf key 'config'")
     uid, gid = _id(raw["uid"], "uid", where), _id(raw["gid"], "gid", where)
     mtime = int(_time(raw["mtime"], "mtime", where).timestamp())
     return NixConf(

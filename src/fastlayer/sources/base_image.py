@@ -103,6 +103,7 @@ class _Files:
         self.path = path
         self.tar: tarfile.TarFile | None = None
         self.members: dict[str, tarfile.TarInfo] = {}
+        self.duplicates: set[str] = set()
         self.size = 0
         st = _stat(path)
         if stat.S_ISDIR(st.st_mode):
@@ -115,9 +116,12 @@ class _Files:
             self.tar = tarfile.open(fileobj=raw)
             for m in self.tar.getmembers():
                 try:
-                    self.members[u.member_name(m.name, "")] = m
+                    name = u.member_name(m.name, "")
                 except Invalid:  # a name no manifest can reach: never read
                     continue
+                if name in self.members:  # readers disagree on which copy counts
+                    self.duplicates.add(name)
+                self.members[name] = m
         except read_errors() as e:
             raw.close()
             raise FastlayerError(f"cannot read image {path}: {_reason(e)}") from None
@@ -135,6 +139,8 @@ class _Files:
         """The regular member name resolves to, through links inside the archive."""
         current = u.member_name(name, where)
         for _ in range(MAX_LINKS):
+            if current in self.duplicates:
+                raise Invalid(f"{where}: the archive holds {u.short(current)} more than once")
             m = self.members.get(current)
             if m is None:
                 raise Invalid(f"{where}: {u.short(name)} is not in the archive")
@@ -265,19 +271,43 @@ def _legacy(files: _Files, tag: str | None) -> Image:
     layers = []
     for layer_id in chain:
         name = f"{layer_id}/layer.tar"
-        h = hashlib.sha256()
-        size = 0
         with files.opener(name)() as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-                size += len(chunk)
-        diff_id = "sha256:" + h.hexdigest()
+            digest, size = _hash_tar(f, files.where(name))
+        diff_id = "sha256:" + digest
         layers.append(Layer(diff_id, files.opener(name), size, comment=name))
     config = {k: top[k] for k in ("created", "author", "architecture", "os", "variant") if k in top}
     config["config"] = top.get("config") or {}
     config["rootfs"] = {"type": "layers", "diff_ids": [x.diff_id for x in layers]}
     schema.image_config(config, files.where(f"{chain[-1]}/json"))
     return Image(config, layers, [picked[0]])
+
+
+class _Tee:
+    """A reader that hashes and counts every byte read through it."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.hash, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+
+def _hash_tar(f: BinaryIO, where: str) -> tuple[str, int]:
+    """(sha256 hex, size) of a legacy layer, which must parse as a tar: with no
+    digest to check it against, a damaged header is the one damage we can see."""
+    tee = _Tee(f)
+    try:
+        with tarfile.open(fileobj=tee, mode="r|") as tar:  # type: ignore[call-overload]
+            for _ in tar:  # headers checked; the data is read past (and hashed)
+                pass
+    except tarfile.TarError as e:
+        raise Invalid(f"{where}: not a tar archive ({_reason(e)})") from None
+    while tee.read(1 << 20):  # the zero blocks and padding after the end marker
+        pass
+    return tee.hash.hexdigest(), tee.size
 
 
 # Nested image indexes followed at most this deep.
