@@ -12,86 +12,25 @@ Strategies (pure functions over the graph's CSR arrays, one module each):
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import importlib
 from typing import Any
 
-import numpy as np
-
-from fastlayer.errors import FastlayerError
-from fastlayer.graph import ClosureGraph
-from fastlayer.plan import auto, limit, pipeline, popularity, stable
-from fastlayer.plan.limit import store_layer_budget
-from fastlayer.plan.planfile import Layer, Plan, read_plan
-from fastlayer.spec import STRATEGIES
-
-__all__ = [
-    "STRATEGIES",
-    "Layer",
-    "Plan",
-    "make_plan",
-    "rank",
-    "read_plan",
-    "store_layer_budget",
-]
+# Names and the module holding each, imported on first use: the budget
+# arithmetic and plan files need no numpy, so a build without store paths
+# never loads it.
+_EXPORTS = {
+    "STRATEGIES": "fastlayer.spec",
+    "Layer": "fastlayer.plan.planfile",
+    "Plan": "fastlayer.plan.planfile",
+    "read_plan": "fastlayer.plan.planfile",
+    "store_layer_budget": "fastlayer.plan.limit",
+    "make_plan": "fastlayer.plan.make",
+    "rank": "fastlayer.plan.make",
+}
+__all__ = sorted(_EXPORTS)
 
 
-def rank(graph: ClosureGraph) -> list[str]:
-    """Paths in closure-graph.py order (most popular first)."""
-    return popularity.ranked_paths(graph)
-
-
-def make_plan(
-    graph: ClosureGraph,
-    strategy: str = "popularity",
-    budget: int | None = 99,
-    *,
-    previous: Plan | None = None,
-    steps: Any = None,
-    exclude: Collection[str] = (),
-) -> Plan:
-    """Plan store layers for `graph` within `budget` store layers (see
-    `store_layer_budget`). `exclude`d paths go in no layer. `budget` may be None
-    only for `pipeline`, whose steps then decide alone."""
-    if strategy not in STRATEGIES:
-        raise FastlayerError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
-    if strategy == "pipeline":
-        if steps is None:
-            raise FastlayerError("the pipeline strategy needs a pipeline (--pipeline)")
-        layers = [p for p in pipeline.pipeline_layers(graph, steps, exclude) if p]
-        if budget is not None and len(layers) > budget:
-            raise FastlayerError(
-                f"the pipeline made {len(layers)} layers, more than the budget of {budget}"
-            )
-        return _plan(graph, strategy, budget, layers)
-    if budget is None or budget < 1:
-        raise FastlayerError(f"layer budget must be at least 1, got {budget}")
-    if strategy == "auto":
-        return _plan(graph, strategy, budget, auto.auto_layers(graph, budget, exclude))
-    keep = _keep(graph, exclude)
-    if strategy == "stable":
-        groups = stable.stable_groups(graph, budget, previous)
-    else:
-        order = popularity.rank(graph) if strategy == "popularity" else np.arange(graph.n)
-        groups = limit.one_per_layer([int(i) for i in order if keep[i]], budget)
-    names = graph.names
-    layers = [[names[i] for i in g if keep[i]] for g in groups]
-    return _plan(graph, strategy, budget, [p for p in layers if p])
-
-
-def _keep(graph: ClosureGraph, exclude: Collection[str]) -> np.ndarray:
-    keep = np.ones(graph.n, dtype=bool)
-    if exclude:
-        index = graph.index()
-        keep[[index[p] for p in exclude if p in index]] = False
-    return keep
-
-
-def _plan(graph: ClosureGraph, strategy: str, budget: int | None, layers: list[list[str]]) -> Plan:
-    index = graph.index()
-    sizes = graph.nar_size.tolist()
-    return Plan(
-        strategy=strategy,
-        layers=[Layer(paths=p, size=sum(sizes[index[x]] for x in p)) for p in layers],
-        store_dir=graph.store_dir,
-        budget=budget,
-    )
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fastlayer.plan' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
