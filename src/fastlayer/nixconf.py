@@ -23,7 +23,7 @@ from fastlayer.model import Image
 from fastlayer.sinks.docker_archive import DockerArchiveWriter
 from fastlayer.sources import schema
 from fastlayer.sources.base_archive import BaseArchive, open_base_archive
-from fastlayer.sources.base_image import Guarded, open_image
+from fastlayer.sources.base_image import Guarded, HashingReader, open_image
 from fastlayer.untrusted import Invalid, short
 
 REQUIRED = (
@@ -197,19 +197,6 @@ def stream_conf(
     return [x.checksum for x in layers]
 
 
-class _Hashing:
-    """A reader that hashes what it hands on (a base layer copied as it is)."""
-
-    def __init__(self, raw: Guarded):
-        self.raw = raw
-        self.digest = hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.digest.update(data)
-        return data
-
-
 def _write_image(
     conf: NixConf,
     out: DockerArchiveWriter,
@@ -225,7 +212,7 @@ def _write_image(
         # nixpkgs copies the base archive's layer entries as they are
         for ti, diff_id in zip(base.layers, base.diff_ids, strict=True):
             where = f"base image {conf.from_image}: {ti.name}"
-            src = _Hashing(Guarded(base.tar.extractfile(ti), where))  # type: ignore[arg-type]
+            src = HashingReader(Guarded(base.tar.extractfile(ti), where))  # type: ignore[arg-type]
             out.add_tarinfo(ti, src)  # type: ignore[arg-type]
             if "sha256:" + src.digest.hexdigest() != diff_id:  # checked as it was copied
                 raise DigestMismatch(

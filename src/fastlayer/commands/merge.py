@@ -21,7 +21,7 @@ from fastlayer.sinks.compress import KINDS, kind_for
 from fastlayer.sinks.docker_archive import DockerArchiveWriter
 from fastlayer.sinks.docker_image import archive_writer
 from fastlayer.sources import schema
-from fastlayer.sources.base_image import Guarded, _Files
+from fastlayer.sources.base_image import Guarded, HashingReader, _Files
 from fastlayer.untrusted import Invalid
 
 _MERGED = ("manifest.json", "repositories")
@@ -122,7 +122,7 @@ def _copy(
     if not ti.isreg():
         out.add_tarinfo(ti, None)
         return
-    src = _Hashing(Guarded(files.tar.extractfile(ti), where))  # type: ignore[union-attr,arg-type]
+    src = HashingReader(Guarded(files.tar.extractfile(ti), where))  # type: ignore[union-attr,arg-type]
     out.add_tarinfo(ti, src)  # type: ignore[arg-type]
     if diff_id is None:
         return
@@ -143,19 +143,6 @@ def _check_compressed(files: _Files, name: str, where: str, diff_id: str) -> Non
         raise DigestMismatch(
             f"{where}: content hashes to sha256:{digest.hexdigest()}, not its diff_id {diff_id}"
         )
-
-
-class _Hashing:
-    """A reader that hashes what it hands on."""
-
-    def __init__(self, raw: Guarded):
-        self.raw = raw
-        self.digest = hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.digest.update(data)
-        return data
 
 
 def run(args: argparse.Namespace) -> int:

@@ -282,15 +282,16 @@ def _legacy(files: _Files, tag: str | None) -> Image:
     return Image(config, layers, [picked[0]])
 
 
-class _Tee:
-    """A reader that hashes and counts every byte read through it."""
+class HashingReader:
+    """A reader that hashes and counts every byte read through it (a layer
+    checked while it is copied or parsed)."""
 
-    def __init__(self, f: BinaryIO):
-        self.f, self.hash, self.size = f, hashlib.sha256(), 0
+    def __init__(self, f: BinaryIO | Guarded):
+        self.f, self.digest, self.size = f, hashlib.sha256(), 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n)
-        self.hash.update(data)
+        self.digest.update(data)
         self.size += len(data)
         return data
 
@@ -298,7 +299,7 @@ class _Tee:
 def _hash_tar(f: BinaryIO, where: str) -> tuple[str, int]:
     """(sha256 hex, size) of a legacy layer, which must parse as a tar: with no
     digest to check it against, a damaged header is the one damage we can see."""
-    tee = _Tee(f)
+    tee = HashingReader(f)
     try:
         with tarfile.open(fileobj=tee, mode="r|") as tar:  # type: ignore[call-overload]
             for _ in tar:  # headers checked; the data is read past (and hashed)
@@ -307,7 +308,7 @@ def _hash_tar(f: BinaryIO, where: str) -> tuple[str, int]:
         raise Invalid(f"{where}: not a tar archive ({_reason(e)})") from None
     while tee.read(1 << 20):  # the zero blocks and padding after the end marker
         pass
-    return tee.hash.hexdigest(), tee.size
+    return tee.digest.hexdigest(), tee.size
 
 
 # Nested image indexes followed at most this deep.
