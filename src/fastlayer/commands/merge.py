@@ -35,7 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "docker-archives (like nixpkgs' mergeImages); shared layers are stored once.",
     )
     p.add_argument("archives", nargs="+", metavar="ARCHIVE", help="docker-archive files")
-    p.add_argument("-o", "--output", help="write to this file atomically (default: stdout)")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="the archive (replaced whole when done; a symlink: the file it names), "
+        "a fifo or character device to stream into, or '-' (default: stdout)",
+    )
     p.add_argument(
         "--compress",
         choices=(*KINDS, "auto"),

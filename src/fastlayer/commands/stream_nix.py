@@ -20,7 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "-t", "--repo_tag", "--repo-tag", dest="repo_tag", help="override the RepoTags of the conf"
     )
-    p.add_argument("-o", "--output", help="write to this file atomically (default: stdout)")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="the archive (replaced whole when done; a symlink: the file it names), "
+        "a fifo or character device to stream into, or '-' (default: stdout)",
+    )
     p.add_argument(
         "--root",
         help="read every path of the conf under this directory (a chroot store: "
