@@ -563,7 +563,7 @@ def test_truncated_tar_gz(capsys, tmp_path, out_dir):
 def test_not_an_archive_at_all(capsys, tmp_path, out_dir):
     junk = tmp_path / "junk.tar"
     junk.write_bytes(os.urandom(3000))
-    build_fails(capsys, tmp_path, junk, str(junk), out_dir)
+    build_fails(capsys, tmp_path, junk, "junk.tar: not a tar archive", out_dir)
 
 
 # --- base layers verified as they are copied ------------------------------------------

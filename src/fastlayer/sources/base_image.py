@@ -113,7 +113,14 @@ class _Files:
         raw = u.open_regular(path, "image")
         self.size = os.fstat(raw.fileno()).st_size
         try:
-            self.tar = tarfile.open(fileobj=raw)
+            try:
+                self.tar = tarfile.open(fileobj=raw)
+            except tarfile.ReadError:  # tarfile's own words end in a bare colon
+                raw.close()
+                raise Invalid(
+                    f"image {path}: not a tar archive (uncompressed, gzip, bzip2 or xz); "
+                    "an image is a docker-archive, an OCI archive or an OCI layout directory"
+                ) from None
             for m in self.tar.getmembers():
                 try:
                     name = u.member_name(m.name, "")
