@@ -622,6 +622,10 @@ BAD_CONFS = [
     ("config", {"Labels": []}, "'config'.Labels"),
     ("from_image", 5, "'from_image'"),
     ("customisation_layer", ["x"], "'customisation_layer'"),
+    ("repo_tag", "x:1\n\x1b[2J", "'repo_tag'"),
+    ("repo_tag", "UP PER::", "'repo_tag'"),
+    ("repo_tag", "", "'repo_tag'"),
+    ("store_dir", "/nix/store/../../tmp", "'store_dir'"),
 ]
 
 
@@ -631,6 +635,15 @@ def test_stream_nix_conf_field_of_wrong_type(capsys, tmp_path, out_dir, key, val
     conf[key] = value
     argv = ["stream-nix", "-q", str(write_conf(tmp_path, conf)), "-o", str(out_dir / "i.tar")]
     fails(capsys, argv, culprit, out_dir)
+
+
+@pytest.mark.parametrize("tail", ["/../../etc", "/..", "/.", "/a/b", "", "/x\ny"])
+def test_stream_nix_conf_path_that_is_no_store_path(capsys, tmp_path, out_dir, tail):
+    # Each would archive something outside the store (or a name no store has).
+    conf = make_store(tmp_path)
+    conf["store_layers"][0][0] = conf["store_dir"] + tail
+    argv = ["stream-nix", "-q", str(write_conf(tmp_path, conf)), "-o", str(out_dir / "i.tar")]
+    fails(capsys, argv, "store_layers[0][0]", out_dir)
 
 
 def test_stream_nix_integer_uid_still_accepted(tmp_path):

@@ -235,7 +235,7 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path, conf):
     assert "3d2k8c1n7dq5h0d8z2b4l6c1w3x4y5z6-gone" in error_of(tmp_path, json.dumps(missing))
     outside = copy.deepcopy(conf)
     outside["store_layers"][0].append("/etc")
-    assert "'/etc' is not under store_dir" in error_of(tmp_path, json.dumps(outside))
+    assert "'/etc' is not a store path under store_dir" in error_of(tmp_path, json.dumps(outside))
     assert "not valid JSON" in error_of(tmp_path, "{nope")
     partial = {k: v for k, v in conf.items() if k != "store_layers"}
     assert "missing key(s) store_layers" in error_of(tmp_path, json.dumps(partial))

@@ -104,3 +104,11 @@ def test_names_resolve_inside_their_root(tmp_path):
             untrusted.open_inside(str(root), name, "w")
     with pytest.raises(Invalid, match="absolute name"):
         untrusted.open_inside(str(root), "/etc/passwd", "w")
+
+
+def test_image_references():
+    for ok in ("app", "app:1.0", "reg.example:5000/team/app", "reg:5000/a/b:v_1"):
+        assert untrusted.image_ref(ok, "r") == ok
+    for bad in ("App:1", "a:1\n", "a::1", "", "a:-x", "a b", "reg:5000/", "a:" + "x" * 129):
+        with pytest.raises(Invalid, match="not an image reference"):
+            untrusted.image_ref(bad, "r")

@@ -102,6 +102,11 @@ def load_conf(path: str) -> NixConf:
     layers = u.each(raw["store_layers"], f"{where}: store_layers", u.str_list)
     for key in ("architecture", "store_dir", "customisation_layer", "repo_tag", "uname", "gname"):
         u.of_type(raw[key], str, f"{where}: conf key {key!r}")
+    u.image_ref(raw["repo_tag"], f"{where}: conf key 'repo_tag'")
+    store_dir = _store_dir(raw["store_dir"], f"{where}: conf key 'store_dir'")
+    for i, layer in enumerate(layers):
+        for j, p in enumerate(layer):
+            _store_path(p, store_dir, f"{where}: store_layers[{i}][{j}]")
     u.of_type(raw["from_image"], (str, type(None)), f"{where}: conf key 'from_image'")
     # The image config's types, as for a base image's: what skopeo and podman read.
     schema.runtime_config(raw["config"], f"{where}: conf key 'config'")
@@ -117,6 +122,24 @@ def load_conf(path: str) -> NixConf:
         from_image=raw["from_image"],
         repo_tag=raw["repo_tag"],
     )
+
+
+def _store_dir(value: str, where: str) -> str:
+    """An absolute, normalised directory: no `..` to climb out through."""
+    if (
+        not value.startswith("/")
+        or os.path.normpath(value) != value.rstrip("/")
+        or (not value.isprintable())
+    ):
+        raise Invalid(f"{where}: {short(value)} is not an absolute, normalised directory")
+    return value.rstrip("/")
+
+
+def _store_path(path: str, store_dir: str, where: str) -> None:
+    """A store path is one entry right under store_dir (as Nix makes them)."""
+    base = path[len(store_dir) + 1 :] if path.startswith(store_dir + "/") else ""
+    if not base or "/" in base or base in (".", "..") or not path.isprintable():
+        raise Invalid(f"{where}: {short(path)} is not a store path under store_dir {store_dir}")
 
 
 def merge_env(base: list[str], child: list[str]) -> list[str]:

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO, TypeVar
 
 from fastlayer.errors import FastlayerError
@@ -28,6 +28,12 @@ MAX_INT = (1 << 63) - 1
 MAX_DEPTH = 64
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
+# Image names and tags as the distribution spec allows them, with an optional
+# registry host[:port] first: what podman, skopeo and registries accept.
+IMAGE_NAME = re.compile(
+    r"(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*"
+)
+IMAGE_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 T = TypeVar("T")
 
@@ -41,6 +47,19 @@ def digest(value: object, where: str) -> str:
     if not isinstance(value, str) or not _DIGEST.fullmatch(value):
         raise Invalid(f"{where}: not a digest (sha256:<64 hex>): {short(value)}")
     return value
+
+
+def image_ref(value: object, where: str) -> str:
+    """value, if it is NAME or NAME:TAG with the grammar registries accept."""
+    ref = of_type(value, str, where)
+    name, sep, tag = ref.rpartition(":")
+    if not sep or "/" in tag:  # no tag; a colon there belonged to a registry port
+        name, tag = ref, "latest"
+    if not IMAGE_NAME.fullmatch(name) or not IMAGE_TAG.fullmatch(tag):
+        raise Invalid(
+            f"{where}: {short(ref)} is not an image reference (lowercase [registry/]path[:tag])"
+        )
+    return ref
 
 
 def blob_path(value: object, where: str) -> str:
@@ -109,6 +128,26 @@ def str_dict(value: object, where: str, *, allow_none: bool = False) -> dict[str
     for k, v in items.items():
         of_type(v, str, f"{where}[{k!r}]")
     return items
+
+
+def known_keys(table: object, known: Sequence[str], where: str) -> None:
+    """Refuse a key of table not in known: one line naming each unknown key, the
+    nearest known key for a typo (`max_layer (did you mean max_layers?)`, any
+    letter case), and every known key."""
+    unknown = sorted((k for k in table if k not in known), key=str)  # type: ignore[attr-defined]
+    if not unknown:
+        return
+    import difflib
+
+    by_lower = {k.lower(): k for k in known}
+
+    def named(key: object) -> str:
+        near = difflib.get_close_matches(str(key).lower(), list(by_lower), n=1)
+        return short(key, 40) + (f" (did you mean {by_lower[near[0]]}?)" if near else "")
+
+    noun = "key" if len(unknown) == 1 else "keys"
+    listed = ", ".join(named(k) for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+    raise Invalid(f"{where}: unknown {noun} {listed}; known keys: {', '.join(known)}")
 
 
 def integer(value: object, where: str, lo: int = 0, hi: int = MAX_INT) -> int:
