@@ -837,3 +837,42 @@ def test_merge_refuses_a_duplicate_manifest(capsys, tmp_path, out_dir):
         "holds 'manifest.json' more than once",
         out_dir,
     )
+
+
+def test_merge_refuses_a_config_swapped_in_by_another_archive(capsys, tmp_path, out_dir):
+    # evil.tar carries base's config name with other bytes of the same size.
+    evil_cfg = good_config()
+    evil_cfg["config"]["Cmd"] = ["/bin/xx"]  # as long as "/bin/sh"
+    assert len(_j(evil_cfg)) == len(_j(good_config()))
+    evil = docker_tar(tmp_path / "evil.tar", config=evil_cfg)
+    base = docker_tar(tmp_path / "base.tar")
+    argv = ["merge", str(evil), str(base), "-o", str(out_dir / "m.tar")]
+    fails(capsys, argv, "entry config.json differs from the one in", out_dir)
+
+
+def test_merge_refuses_a_layer_swapped_in_by_another_archive(capsys, tmp_path, out_dir):
+    # Same name, same size, its own correct diff_id: other bytes all the same.
+    swapped = LAYERS[0].replace(b"layer 0\n", b"layer X\n")
+    assert len(swapped) == len(LAYERS[0]) and swapped != LAYERS[0]
+    layers = [swapped, *LAYERS[1:]]
+    manifest = good_manifest()
+    manifest[0]["Config"] = "evil.json"  # its own config; config.json left as base's
+    extra = {"evil.json": member("evil.json", _j(good_config(layers)))}
+    evil = docker_tar(tmp_path / "evil.tar", layers=layers, manifest=manifest, replace=extra)
+    base = docker_tar(tmp_path / "base.tar")
+    argv = ["merge", str(evil), str(base), "-o", str(out_dir / "m.tar")]
+    fails(capsys, argv, "entry l0/layer.tar differs from the one in", out_dir)
+
+
+def test_merge_keeps_a_layer_two_archives_share(tmp_path):
+    a = docker_tar(tmp_path / "a.tar")
+    cfg = good_config()
+    cfg["config"]["Cmd"] = ["/bin/other"]  # another image over the same layers
+    b = docker_tar(tmp_path / "b.tar", config_bytes=_j(cfg))
+    out = tmp_path / "m.tar"
+    assert main(["merge", str(a), str(b), "-o", str(out)]) == 1  # both name config.json
+    c = docker_tar(tmp_path / "c.tar")
+    assert main(["merge", str(a), str(c), "-o", str(out)]) == 0
+    with tarfile.open(out) as t:
+        assert len(json.load(t.extractfile("manifest.json"))) == 2
+        assert sha(t.extractfile("l0/layer.tar").read()) == sha(LAYERS[0])

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tarfile
+from dataclasses import dataclass
 
 from fastlayer import untrusted as u
 from fastlayer.errors import DigestMismatch, FastlayerError
@@ -50,15 +51,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _same(a: tarfile.TarInfo, b: tarfile.TarInfo) -> bool:
-    return (a.type, a.size, a.linkname) == (b.type, b.size, b.linkname)
+@dataclass
+class _Written:
+    """An entry already in the output: whence, and what its bytes were."""
+
+    ti: tarfile.TarInfo
+    path: str
+    sha256: str | None  # of the bytes as stored (regular entries)
+    diff_id: str | None  # the checked diff_id, for a layer
+
+
+def _same(first: _Written, files: _Files, ti: tarfile.TarInfo, diff_id: str | None) -> bool:
+    """Whether ti, met again in another archive, is the entry already written.
+
+    Names alone prove nothing (an archive may carry another image's config
+    or layer name with other bytes): a layer must claim the same checked
+    diff_id, anything else must have the same bytes."""
+    a, b = first.ti, ti
+    if (a.type, a.size, a.linkname) != (b.type, b.size, b.linkname):
+        return False
+    if not ti.isreg():
+        return True
+    if diff_id is not None or first.diff_id is not None:
+        return diff_id == first.diff_id
+    reader = HashingReader(Guarded(files.tar.extractfile(ti), files.where(ti.name)))  # type: ignore[union-attr,arg-type]
+    while reader.read(1 << 20):
+        pass
+    return reader.digest.hexdigest() == first.sha256
 
 
 def merge(paths: list[str], out: DockerArchiveWriter) -> int:
     """Copy every image of paths into out; returns the number of images."""
     manifest: list = []
     repositories: dict[str, dict[str, str]] = {}
-    seen: dict[str, tuple[tarfile.TarInfo, str]] = {}
+    seen: dict[str, _Written] = {}
     mtime = 0
     for path in paths:
         files = _Files(path)
@@ -75,14 +101,12 @@ def merge(paths: list[str], out: DockerArchiveWriter) -> int:
                 if name in _MERGED:
                     continue
                 if name in seen:
-                    first, where = seen[name]
-                    if not _same(first, ti):
-                        raise FastlayerError(
-                            f"{path}: entry {name} differs from the one in {where}"
-                        )
+                    first = seen[name]
+                    if not _same(first, files, ti, expected.get(name)):
+                        raise Invalid(f"{path}: entry {name} differs from the one in {first.path}")
                     continue
-                seen[name] = (ti, path)
-                _copy(files, ti, out, expected.get(name))
+                digest = _copy(files, ti, out, expected.get(name))
+                seen[name] = _Written(ti, path, digest, expected.get(name))
     out.add_bytes("manifest.json", json.dumps(manifest, indent=4).encode(), mtime)
     if repositories:
         out.add_bytes("repositories", json.dumps(repositories, indent=4).encode(), mtime)
@@ -115,10 +139,11 @@ def _check(files: _Files) -> tuple[list[dict], dict[str, dict[str, str]], dict[s
 
 def _copy(
     files: _Files, ti: tarfile.TarInfo, out: DockerArchiveWriter, diff_id: str | None
-) -> None:
+) -> str | None:
     """An entry copied as it is: a file, a directory, or a link to a regular
     member of the same archive; never a device, fifo or a link leaving it.
-    A layer's bytes are checked against its diff_id as they are copied."""
+    A layer's bytes are checked against its diff_id as they are copied.
+    Returns the sha256 hex of a regular entry's bytes."""
     where = files.where(ti.name)
     if ti.issym() or ti.islnk():
         files.member(ti.name, where)  # must end at a regular member inside
@@ -126,16 +151,17 @@ def _copy(
         raise Invalid(f"{where}: is a device or fifo entry, which no image holds")
     if not ti.isreg():
         out.add_tarinfo(ti, None)
-        return
+        return None
     src = HashingReader(Guarded(files.tar.extractfile(ti), where))  # type: ignore[union-attr,arg-type]
     out.add_tarinfo(ti, src)  # type: ignore[arg-type]
     if diff_id is None:
-        return
+        return src.digest.hexdigest()
     got = "sha256:" + src.digest.hexdigest()
     if got != diff_id and files.plain(ti.name)[0] is not None:  # a compressed one: below
         raise DigestMismatch(f"{where}: content hashes to {got}, not its diff_id {diff_id}")
     if got != diff_id:
         _check_compressed(files, ti.name, where, diff_id)
+    return src.digest.hexdigest()
 
 
 def _check_compressed(files: _Files, name: str, where: str, diff_id: str) -> None:
