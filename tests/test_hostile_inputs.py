@@ -487,3 +487,53 @@ def test_control_characters_in_a_name_cannot_split_the_error_line(tmp_path, caps
     spec.write_text(json.dumps(body))
     line = one_error(capsys, ["build", str(spec), "-o", str(tmp_path / "o.tar")], "a\\nb\\x1b[31m")
     assert "\x1b" not in line
+
+
+# --- plan and rank -o follow every command's -o rules --------------------------------
+
+RANKED = f"{B}\n{A}\n"  # A references B: B is reached from A too, so more popular
+
+
+@pytest.mark.parametrize("command", ["rank", "plan"])
+def test_plan_and_rank_output_keeps_a_symlink_and_its_file(tmp_path, graph_file, command):
+    graph = graph_file
+    real = tmp_path / "real.txt"
+    real.write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert main([command, str(graph), "-o", str(link)]) == 0
+    assert link.is_symlink() and A in real.read_text()
+
+
+@pytest.mark.parametrize("command", ["rank", "plan"])
+def test_plan_and_rank_stream_into_a_fifo_and_a_device(tmp_path, graph_file, command):
+    graph = graph_file
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    r = run_cli(command, str(graph), "-o", str(fifo))
+    got = reader.communicate(timeout=30)[0].decode()
+    assert r.returncode == 0, r.stderr
+    assert fifo.is_fifo() and A in got
+    if command == "rank":
+        assert got == RANKED
+    if os.geteuid() == 0:  # a character device of our own, never the machine's /dev
+        dev = tmp_path / "null"
+        os.mknod(dev, 0o666 | 0o020000, os.makedev(1, 3))
+        assert main([command, str(graph), "-o", str(dev)]) == 0
+        assert dev.is_char_device()
+
+
+def test_rank_output_dash_is_stdout(tmp_path, graph_file, capsys):
+    graph = graph_file
+    assert main(["rank", str(graph), "-o", "-"]) == 0
+    assert capsys.readouterr().out == RANKED
+    assert not (tmp_path / "-").exists() and not os.path.exists("-")
+
+
+def test_plan_output_directory_names_the_users_path(tmp_path, graph_file, capsys):
+    graph = graph_file
+    target = tmp_path / "d"
+    target.mkdir()
+    line = one_error(capsys, ["plan", str(graph), "-o", str(target)], f"cannot write {target}")
+    assert ".part" not in line and os.listdir(target) == []

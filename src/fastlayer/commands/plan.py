@@ -11,7 +11,7 @@ from fastlayer.commands import add_graph_arguments
 from fastlayer.errors import FastlayerError
 from fastlayer.graph import load_graph
 from fastlayer.plan import STRATEGIES, make_plan, read_plan, store_layer_budget
-from fastlayer.plan.planfile import write_atomic
+from fastlayer.sinks.output import write_output
 from fastlayer.spec import MAX_LAYERS
 
 
@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
         exclude=exclude,
     )
     text = plan.dumps()
-    if args.output:
-        write_atomic(args.output, text)
+    if args.output and args.output != "-":
+        write_output(args.output, text.encode())  # the -o rules of every command
     else:
         sys.stdout.write(text)
         sys.stdout.flush()

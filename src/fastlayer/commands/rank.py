@@ -9,7 +9,7 @@ from typing import Any
 from fastlayer.commands import add_graph_arguments
 from fastlayer.graph import load_graph
 from fastlayer.plan import rank
-from fastlayer.plan.planfile import write_atomic
+from fastlayer.sinks.output import write_output
 
 
 def register(subparsers: Any) -> None:
@@ -26,8 +26,8 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     graph = load_graph(args.graph, key=args.key, store_dir=args.store_dir)
     text = "\n".join(rank(graph)) + "\n"
-    if args.output:
-        write_atomic(args.output, text)
+    if args.output and args.output != "-":
+        write_output(args.output, text.encode())  # the -o rules of every command
     else:
         sys.stdout.write(text)
         sys.stdout.flush()

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastlayer import untrusted
@@ -107,16 +105,3 @@ def read_plan(path: str | os.PathLike[str]) -> Plan:
         raw = f.read()
     data = untrusted.parse_json(raw, f"malformed JSON in {name}")
     return plan_from_json(data, name)
-
-
-def write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write via a temporary file in the same directory, then rename over `path`."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent or ".", prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
