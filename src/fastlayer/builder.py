@@ -25,6 +25,7 @@ from fastlayer.errors import FastlayerError
 from fastlayer.model import Image, LayerSource
 from fastlayer.nixconf import merge_env
 from fastlayer.sinks.base import ImageSink
+from fastlayer.sources import explicit
 from fastlayer.sources.base_image import open_image
 from fastlayer.sources.customisation import customisation_layer, stage
 from fastlayer.spec import Spec, format_time, load_spec, parse_time
@@ -128,9 +129,9 @@ def plan_store_layers(spec: Spec, base_layers: int, graph: Any = None) -> Any:
     """The store layers' plan, or None when the image holds no store paths."""
     from fastlayer.plan.limit import store_layer_budget
 
-    budget = store_layer_budget(spec.max_layers, base_layers)
     if not spec.include_store_paths or not spec.contents.graph:
         return None
+    budget = store_layer_budget(spec.max_layers, base_layers)
     from fastlayer.plan import make_plan, read_plan
 
     graph = graph if graph is not None else closure_graph(spec)
@@ -249,9 +250,14 @@ def build_into(
     owner = Owner(mtime=mtime, uid=spec.uid, gid=spec.gid, uname=spec.uname, gname=spec.gname)
     base = open_image(spec.from_image, tag=spec.from_image_tag) if spec.from_image else None
     graph = closure_graph(spec) if (spec.nix_db or spec.include_store_paths) else None
-    plan = plan_store_layers(spec, len(base.layers) if base else 0, graph)
+    n_base = len(base.layers) if base else 0
+    # explicit and root layers (sources/explicit.py holds the budget rule)
+    has_store = bool(spec.include_store_paths and spec.contents.graph)
+    files = explicit.explicit_layers(spec)
+    files += explicit.fit(spec, n_base, len(files), explicit.root_layers(spec), has_store)
+    plan = plan_store_layers(spec, n_base + len(files), graph)
     store_paths = [layer.paths for layer in plan.layers] if plan else []
-    n_layers = (len(base.layers) if base else 0) + len(store_paths) + 1
+    n_layers = n_base + len(store_paths) + len(files) + 1
     bar = _Progress(plan.total_size if plan else 0, n_layers, progress)
     name = name or spec.name
     try:
@@ -264,7 +270,7 @@ def build_into(
             with sink_for(mtime) as sink:
                 infos: list[LayerInfo] = []
                 for k, (source, paths, comment) in enumerate(
-                    _sources(spec, base, store_paths, owner, custom), start=1
+                    _sources(spec, base, store_paths, owner, custom, files), start=1
                 ):
                     w = sink.add_layer(bar.wrap(source, k), comment)
                     infos.append(LayerInfo(w.diff_id, w.size, w.digest, paths, comment))
@@ -290,6 +296,7 @@ def _sources(
     store_paths: list[list[str]],
     owner: Owner,
     custom: Any,
+    files: list[explicit.FileLayer],
 ) -> Iterator[tuple[LayerSource, list[str], str]]:
     if base is not None:
         for layer in base.layers:
@@ -297,9 +304,12 @@ def _sources(
     makers = [
         functools.partial(store_layer, paths, owner, spec.store_root) for paths in store_paths
     ]
+    makers += [functools.partial(f.stream, spec, owner) for f in files]  # same single pass
+    kinds = [(paths, f"store paths: {paths}") for paths in store_paths]
+    kinds += [([], f.comment) for f in files]
     with Pipeline(makers) as pipeline:
-        for paths, source in zip(store_paths, pipeline.sources(), strict=True):
-            yield source, paths, f"store paths: {paths}"
+        for (paths, comment), source in zip(kinds, pipeline.sources(), strict=True):
+            yield source, paths, comment
     yield StreamSource(custom), [], "customisation layer"
 
 

@@ -6,6 +6,7 @@ Relative paths in a spec file are relative to the file's directory.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import re
@@ -37,6 +38,10 @@ CONFIG_KEYS = {
     "Healthcheck": dict, "OnBuild": list, "Shell": list, "ArgsEscaped": bool,
 }  # fmt: skip
 COMPRESSIONS = ("none", "gzip", "zstd")
+# contents.root_layers: roots copied into the customisation layer, or as layers
+# of their own (sources/explicit.py).
+ROOT_LAYERS = ("customisation", "per-root", "per-directory")
+_LAYER_KEYS = ("paths", "dest", "name")
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Contents:
     roots: list[str] = field(default_factory=list)  # directories copied into /
     files: list[str] = field(default_factory=list)  # files copied to /<name>
     link_store_paths: bool = True  # symlink store paths' contents into / (symlinkJoin)
+    root_layers: str = "customisation"  # or "per-root", "per-directory": layers of their own
 
 
 @dataclass
@@ -65,10 +71,21 @@ class FakeNss:
 
 
 @dataclass
+class LayerSpec:
+    """One [[layers]] entry: files, directories or globs, each copied to
+    dest/<its name>, as one layer of their own."""
+
+    paths: list[str]
+    dest: str = "/"
+    name: str | None = None  # for the history comment
+
+
+@dataclass
 class Spec:
     name: str
     tag: str | None = None
     contents: Contents = field(default_factory=Contents)
+    layers: list[LayerSpec] = field(default_factory=list)  # explicit layers, in order
     include_store_paths: bool = True
     max_layers: int = 100
     strategy: str = "popularity"
@@ -176,13 +193,19 @@ def _from_dict(data: dict[str, Any], where: str, base_dir: str) -> Spec:
     perms = untrusted.each(
         data.pop("permissions", None) or [], f"{where}: permissions", _permission
     )
+    layers = data.pop("layers", None)
+    layers = untrusted.each(
+        [] if layers is None else layers,
+        f"{where}: layers",
+        lambda entry, at: _layer(entry, at, base_dir),
+    )
     for key in ("from_image", "previous_plan", "store_root"):
         if data.get(key):
             data[key] = _abs(data[key], f"{where}: {key}", base_dir)
     for key in ("created", "mtime"):
         if key in data:
             data[key] = _time_text(data[key], f"{where}: {key}")
-    spec = Spec(**data, contents=contents, fake_nss=fake, permissions=perms)
+    spec = Spec(**data, contents=contents, layers=layers, fake_nss=fake, permissions=perms)
     return _check(spec, where)
 
 
@@ -217,6 +240,21 @@ def _fake_nss(value: Any, where: str) -> FakeNss | None:
     if set(nss) - {"passwd", "group"}:
         raise Invalid(f"{where}: fake_nss takes only passwd and group lines")
     return FakeNss(**nss)
+
+
+def _layer(entry: Any, where: str, base_dir: str) -> LayerSpec:
+    """One [[layers]] table; `where` is "<spec>: layers[i]". Paths made absolute."""
+    entry = untrusted.of_type(entry, dict, where)
+    bad = sorted(set(entry) - set(_LAYER_KEYS), key=str)
+    if bad:
+        raise Invalid(
+            f"{where}: unknown key(s) {', '.join(map(str, bad))} (known: {', '.join(_LAYER_KEYS)})"
+        )
+    if "paths" not in entry:
+        raise Invalid(f"{where} needs 'paths' (files, directories or globs)")
+    paths = untrusted.str_list(entry["paths"], f"{where}.paths")
+    paths = [_abs(p, f"{where}.paths[{i}]", base_dir) for i, p in enumerate(paths)]
+    return LayerSpec(paths, entry.get("dest", "/"), entry.get("name"))
 
 
 def _permission(rule: Any, where: str) -> Permission:
@@ -275,6 +313,12 @@ def _check(spec: Spec, where: str) -> Spec:
     _check_values(spec, where)
     _check_config(spec.config, f"{where}: config")
     _check_contents(spec, where)
+    untrusted.each(spec.layers, f"{where}: layers", _check_layer)
+    if len(spec.layers) + 1 > spec.max_layers:  # a base image's layers are counted when built
+        raise Invalid(
+            f"{where}: layers: {len(spec.layers)} explicit layers + 1 customisation layer "
+            f"exceed max_layers {spec.max_layers}"
+        )
     _check_paths(spec, where)
     return spec
 
@@ -368,6 +412,11 @@ def _check_contents(spec: Spec, where: str) -> None:
             _path(p, f"{where}: contents.{key}[{i}]")
     untrusted.of_type(c.graph, (str, type(None)), f"{where}: contents.graph")
     untrusted.of_type(c.link_store_paths, bool, f"{where}: contents.link_store_paths")
+    if untrusted.of_type(c.root_layers, str, f"{where}: contents.root_layers") not in ROOT_LAYERS:
+        raise Invalid(
+            f"{where}: contents.root_layers must be one of {', '.join(ROOT_LAYERS)}, "
+            f"not {short(c.root_layers)}"
+        )
     for p in c.store_paths:
         if not p.startswith(spec.store_dir.rstrip("/") + "/"):
             raise Invalid(f"{where}: store path {p!r} is not under store_dir {spec.store_dir}")
@@ -394,6 +443,31 @@ def _check_paths(spec: Spec, where: str) -> None:
             raise bad(f"{key} does not exist: {value}")
     if spec.contents.graph and not os.path.exists(spec.contents.graph):
         raise bad(f"contents.graph does not exist: {spec.contents.graph}")
+    for i, layer in enumerate(spec.layers):
+        for j, p in enumerate(layer.paths):
+            if not (glob.glob(p) if is_glob(p) else os.path.lexists(p)):
+                raise bad(f"layers[{i}].paths[{j}] matches nothing: {p}")
+
+
+def is_glob(path: str) -> bool:
+    """A layers path with * ? or [ is a glob (matched as the shell does: `*` skips dot-files)."""
+    return any(c in path for c in "*?[")
+
+
+def _check_layer(layer: Any, where: str) -> None:
+    """One LayerSpec; `where` is "<spec>: layers[i]"."""
+    untrusted.of_type(layer, LayerSpec, where)
+    paths = untrusted.str_list(layer.paths, f"{where}.paths")
+    if not paths:
+        raise Invalid(f"{where}.paths: empty; a layer needs at least one file, directory or glob")
+    for j, p in enumerate(paths):
+        _path(p, f"{where}.paths[{j}]")
+    dest = untrusted.of_type(layer.dest, str, f"{where}.dest")
+    if not dest.startswith("/") or "\0" in dest or "/../" in dest + "/":
+        raise Invalid(f"{where}.dest: must be an absolute path without '..', not {short(dest)}")
+    name = untrusted.of_type(layer.name, (str, type(None)), f"{where}.name")
+    if name is not None and any(c in name for c in "\0\n\r"):
+        raise Invalid(f"{where}.name: one line, without control characters")
 
 
 def parse_time(value: str, what: str) -> datetime:

@@ -48,7 +48,8 @@ def stage(spec: Spec, staging: Path) -> None:
             _link_join(Path(spec.on_disk(store_path)), Path(store_path), staging)
     # extra_commands may edit what it finds: then copies, so the user's files stay
     copy = _copy_regular if spec.extra_commands else _link_or_copy
-    for root in spec.contents.roots:
+    mode = spec.contents.root_layers  # per-root, per-directory: layers of their own
+    for root in spec.contents.roots if mode != "per-root" else []:
         # symlinks are copied as symlinks; anything not a file or directory is refused
         shutil.copytree(
             root,
@@ -56,6 +57,9 @@ def stage(spec: Spec, staging: Path) -> None:
             symlinks=True,
             dirs_exist_ok=True,
             copy_function=lambda src, dst: copy(src, dst, "contents.roots entry"),
+            ignore=(lambda d, _, r=root: root_dirs(r) if d == r else [])
+            if mode == "per-directory"
+            else None,
         )
     for f in spec.contents.files:
         target = staging / os.path.basename(f.rstrip("/"))
@@ -73,6 +77,15 @@ def stage(spec: Spec, staging: Path) -> None:
         (staging / "var" / "empty").mkdir(parents=True, exist_ok=True)
     if spec.extra_commands:
         run_extra_commands(spec.extra_commands, staging)
+
+
+def root_dirs(root: str) -> list[str]:
+    """The names of a root's top-level directories (a symlink to one is no
+    directory here), str-sorted: with root_layers = "per-directory" each is a
+    layer of its own and stays out of the customisation layer."""
+    return sorted(
+        n for n in os.listdir(root) if stat.S_ISDIR(os.lstat(os.path.join(root, n)).st_mode)
+    )
 
 
 def run_extra_commands(commands: str, staging: Path) -> None:
