@@ -1,7 +1,8 @@
 """A registry that misbehaves on purpose, on 127.0.0.1 (binds its own port).
 
 `Hostile()` serves nothing until a test adds routes: `on(method, regex, fn)`,
-where fn(handler, match) answers with `send()` or writes raw bytes itself.
+where fn(handler, match) answers with `send()` or writes raw bytes itself
+(with `read_body=False` the request body is left unread, for fn to ignore).
 Every request is recorded in `seen` with its headers, so tests can assert
 which host saw which Authorization. A small valid image (`Image`) gives the
 documents to serve, and to break.
@@ -85,22 +86,30 @@ class Handler(BaseHTTPRequestHandler):
     server: Server
 
     def _any(self) -> None:
+        route = self._route()
         length = self.headers.get("Content-Length")
         body = b""
-        if length and length.isdigit():
+        if length and length.isdigit() and (route is None or route[0]):
             body = self.rfile.read(int(length))
         self.server.owner.seen.append(
             Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
         )
-        for method, pattern, fn in self.server.owner.routes:
+        if route is not None:
+            _, fn, m = route
+            try:
+                fn(self, m)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up, as it should
+            return
+        self.send(404, b'{"errors": [{"code": "NOT_FOUND", "message": "no route"}]}')
+
+    def _route(self) -> tuple[bool, Route, re.Match] | None:
+        """(read the body first?, handler, match) of the first route for this request."""
+        for method, pattern, fn, read_body in self.server.owner.routes:
             m = pattern.fullmatch(self.path.split("?", 1)[0])
             if method == self.command and m:
-                try:
-                    fn(self, m)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up, as it should
-                return
-        self.send(404, b'{"errors": [{"code": "NOT_FOUND", "message": "no route"}]}')
+                return read_body, fn, m
+        return None
 
     do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = _any  # noqa: N815 (http.server's names)
 
@@ -134,7 +143,7 @@ class Server(ThreadingHTTPServer):
 
 class Hostile:
     def __init__(self) -> None:
-        self.routes: list[tuple[str, re.Pattern, Route]] = []
+        self.routes: list[tuple[str, re.Pattern, Route, bool]] = []
         self.seen: list[Seen] = []
         self.stopping = threading.Event()
         self.server = Server(("127.0.0.1", 0), Handler)  # the port is bound here, no race
@@ -146,8 +155,8 @@ class Hostile:
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def on(self, method: str, pattern: str, fn: Route) -> Hostile:
-        self.routes.append((method, re.compile(pattern), fn))
+    def on(self, method: str, pattern: str, fn: Route, read_body: bool = True) -> Hostile:
+        self.routes.append((method, re.compile(pattern), fn, read_body))
         return self
 
     def serve_image(self, image: Image, repo: str = "team/app") -> Hostile:

@@ -177,7 +177,7 @@ def test_token_realm_gets_basic_credentials_a_redirect_from_it_does_not(reg, tmp
         else:
             h.send(200, image.manifest, {"Content-Type": OCI_MANIFEST})
 
-    registry.routes.insert(0, ("GET", re.compile(r"/v2/team/app/manifests/.*"), gate))
+    registry.routes.insert(0, ("GET", re.compile(r"/v2/team/app/manifests/.*"), gate, True))
     r = pull(env, registry.host, f"@{image.digest}", out)
     assert r.returncode == 0, r.stderr
     (out / "img.tar").unlink()
@@ -475,3 +475,163 @@ def test_server_text_masks_escapes_and_shortens():
     assert _origin("http://r:5000/v2/") == _origin("HTTP://R:5000/x")
     assert _origin("http://r/") == _origin("http://r:80/")
     assert len({_origin(u) for u in ("http://r:5000", "http://r:5001", "https://r:5000")}) == 3
+
+
+def test_an_upload_the_registry_never_reads_ends_at_the_stall_limit(reg, tmp_path, env):
+    """urllib3 2 sends a body under the connect timeout (30 s): the stall limit
+    must bound it too, and the message say what stalled."""
+    registry = reg()
+    registry.on("HEAD", r"/v2/.*", lambda h, m: h.send(404))
+    registry.on("POST", r"/v2/team/app/blobs/uploads/", lambda h, m: h.send(
+        202, b"", {"Location": "/upload/1"}))  # fmt: skip
+    # takes the request line and headers, then not one byte of the body
+    registry.on("PUT", r"/upload/.*", lambda h, m: h.server.owner.stopping.wait(60),
+                read_body=False)  # fmt: skip
+    # more than the loopback socket buffers take (a few MiB) before the sender blocks
+    big = spec(tmp_path, os.urandom(48 << 20))
+    start = time.monotonic()
+    r = cli(env, "push", "--insecure", "-q", "--compress", "none", "--timeout", "60",
+            "--stall-timeout", "3", str(big), f"docker://{registry.host}/team/app:1")  # fmt: skip
+    took = time.monotonic() - start
+    one_line_error(r, "PUT blob", "stalled", "no data sent or received for 3 s")
+    assert took < 15, took  # was ~31 s: the 30 s connect timeout, whatever --stall-timeout said
+
+
+# -- configs of the wrong types -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("Env", "PATH=/x"), ("Labels", ["a"]), ("Cmd", "sh"), ("ExposedPorts", {"80/tcp": 1})],
+)
+@pytest.mark.parametrize("fmt", ["docker-archive", "oci-dir"])
+def test_a_pulled_config_of_the_wrong_types_is_refused(reg, env, out, field, value, fmt):
+    """Such a config made an archive skopeo cannot read, with exit 0."""
+    image = Image.make()
+    config = json.loads(image.config)
+    config["config"] = {"Env": ["A=1"], field: value}
+    raw = json.dumps(config).encode()
+    manifest = json.loads(image.manifest)
+    manifest["config"] = {**manifest["config"], "digest": sha(raw), "size": len(raw)}
+    bad = image.with_manifest(manifest)
+    bad.blobs[sha(raw)] = raw
+    registry = reg().serve_image(bad)
+    r = cli(env, "pull", "--insecure", "-q", *FAST, "--format", fmt,
+            f"{registry.host}/team/app@{bad.digest}", "-o", str(out / "img"))  # fmt: skip
+    one_line_error(r, registry.host, "team/app", f"config.config.{field}", "must be")
+
+
+def test_push_of_an_image_whose_config_has_wrong_types_is_refused(reg, tmp_path, env):
+    built = tmp_path / "app.tar"
+    fastlayer.build(json.loads(spec(tmp_path).read_text()), str(built))
+    bad = tmp_path / "bad.tar"
+    with tarfile.open(built) as src, tarfile.open(bad, "w") as dst:
+        manifest = json.loads(src.extractfile("manifest.json").read())
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isfile() else None
+            if member.name == manifest[0]["Config"]:
+                config = json.loads(data)
+                config["config"]["Env"] = "PATH=/x"
+                data = json.dumps(config).encode()
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    registry = reg()
+    r = cli(env, "push", "--insecure", "-q", *FAST, str(bad),
+            f"docker://{registry.host}/team/app:1")  # fmt: skip
+    one_line_error(r, "bad.tar", "config.Env", "must be a list")
+    assert registry.seen == []  # refused before any request
+
+
+# -- the blob cache: only a hint --------------------------------------------------------
+
+
+def simple_registry(registry: Hostile) -> Hostile:
+    """Takes any push: HEAD 404, uploads and manifests accepted."""
+    registry.on("HEAD", r"/v2/.*", lambda h, m: h.send(404))
+    registry.on("POST", r"/v2/team/app/blobs/uploads/", lambda h, m: h.send(
+        202, b"", {"Location": "/upload/1"}))  # fmt: skip
+    registry.on("PUT", r"/.*", lambda h, m: h.send(201))
+    return registry
+
+
+BAD_CACHES = {
+    "registry-a-list": lambda host: json.dumps({host: []}),
+    "deep": lambda host: "[" * 100_000 + "]" * 100_000,
+    "layers-a-list": lambda host: json.dumps({host: {"layers": [], "repos": {}}}),
+    "repos-entry-5": lambda host: json.dumps({host: {"repos": {sha(b"x"): 5}}}),
+    "bad-entries": lambda host: json.dumps({host: {
+        "layers": {"gzip:" + sha(b"a"): {"digest": "sha256:../../x", "size": 1,
+                                          "mediaType": "t"},
+                   "gzip:" + sha(b"b"): {"digest": sha(b"b"), "size": -1, "mediaType": "t"},
+                   "gzip:" + sha(b"c"): {"digest": sha(b"c"), "size": True, "mediaType": "t"},
+                   "gzip:" + sha(b"d"): "x"},
+        "repos": {"sha256:short": ["team/app"], sha(b"e"): ["../../etc"], sha(b"f"): [7]}}}),
+    "not-json": lambda host: "{",
+    "a-number": lambda host: "5",
+    "fifo": None,
+    "directory": None,
+    "over-64-mib": None,
+}  # fmt: skip
+
+
+def write_bad_cache(env: dict, kind: str, host: str) -> Path:
+    path = Path(env["XDG_CACHE_HOME"]) / "fastlayer" / "registry-blobs.json"
+    path.parent.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "over-64-mib":
+        with open(path, "w") as f:
+            f.write('{"x": "')
+            f.truncate(65 << 20)  # sparse: cheap to make, too big to read
+    else:
+        path.write_text(BAD_CACHES[kind](host))
+    return path
+
+
+def one_warning(r: subprocess.CompletedProcess, path: Path) -> None:
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastlayer: warning: "), r.stderr
+    assert str(path) in lines[0] and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("kind", list(BAD_CACHES))
+def test_a_broken_blob_cache_never_fails_a_pull(reg, env, tmp_path, kind):
+    image = Image.make()
+    registry = reg().serve_image(image)
+    path = write_bad_cache(env, kind, registry.host)
+    out = tmp_path / "img.tar"
+    r = cli(env, "pull", "--insecure", "-q", *FAST, f"{registry.host}/team/app@{image.digest}",
+            "-o", str(out), limit=30)  # fmt: skip
+    one_warning(r, path)
+    assert r.stdout.strip() == image.digest and tarfile.is_tarfile(out)
+    if kind != "directory":  # replaced by a good cache that knows the pulled layer
+        cache = json.loads(path.read_text())
+        layer = cache[registry.host]["layers"][f"none:{sha(image.layer)}"]
+        assert layer == {"digest": sha(image.layer), "size": len(image.layer),
+                         "mediaType": "application/vnd.oci.image.layer.v1.tar"}  # fmt: skip
+        assert cache[registry.host]["repos"][sha(image.layer)] == ["team/app"]
+
+
+@pytest.mark.parametrize("kind", ["registry-a-list", "deep", "repos-entry-5", "fifo"])
+def test_a_broken_blob_cache_never_fails_a_push(reg, env, tmp_path, kind):
+    registry = simple_registry(reg())
+    path = write_bad_cache(env, kind, registry.host)
+    r = cli(env, "push", "--insecure", "-q", *FAST, str(spec(tmp_path)),
+            f"docker://{registry.host}/team/app:1", limit=30)  # fmt: skip
+    one_warning(r, path)
+    assert len([s for s in registry.seen if s.path.startswith("/upload/")]) == 2
+
+
+def test_a_cache_entry_for_a_bad_blob_is_dropped_not_followed(reg, env, tmp_path):
+    """A well-typed entry whose digest is malformed never reaches a URL; the good
+    entries next to it are kept."""
+    registry = simple_registry(reg())
+    path = write_bad_cache(env, "bad-entries", registry.host)
+    r = cli(env, "push", "--insecure", "-q", *FAST, str(spec(tmp_path)),
+            f"docker://{registry.host}/team/app:1")  # fmt: skip
+    one_warning(r, path)
+    assert "7 malformed entries dropped" in r.stderr
+    assert all(".." not in s.path and "short" not in s.path for s in registry.seen)

@@ -80,3 +80,62 @@ def test_blob_cache_round_trip(tmp_path):
     assert again.layer("sha256:" + "2" * 64, "zstd") is None
     assert again.repos_with(blob.digest) == ["a/b"]
     assert BlobCache("other:1", path).layer("sha256:" + "2" * 64, "gzip") is None
+
+
+def _blob(n: int) -> Blob:
+    return Blob(f"sha256:{n:064x}", n, "application/vnd.oci.image.layer.v1.tar+gzip")
+
+
+def test_runs_saving_at_the_same_time_keep_each_others_entries(tmp_path):
+    """Each save re-reads the file under the lock: the later save keeps the
+    earlier one's entries, of its registry and of others."""
+    path = str(tmp_path / "c.json")
+    first, second, other = (BlobCache(r, path) for r in ("reg:1", "reg:1", "reg:2"))
+    first.remember("a/one", _blob(1), _blob(11).digest, "gzip")
+    second.remember("a/two", _blob(2), _blob(12).digest, "gzip")
+    other.remember("b/x", _blob(3), _blob(13).digest, "zstd")
+    for cache in (first, other, second):
+        cache.save()
+    again = BlobCache("reg:1", path)
+    assert again.layer(_blob(11).digest, "gzip") == _blob(1)
+    assert again.layer(_blob(12).digest, "gzip") == _blob(2)
+    assert BlobCache("reg:2", path).layer(_blob(13).digest, "zstd") == _blob(3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.json.lock"]  # no temps
+
+
+def test_a_save_waits_for_a_held_lock_only_briefly(tmp_path):
+    import fcntl
+    import time
+
+    from fastlayer.registry import cache as cache_mod
+
+    path = tmp_path / "c.json"
+    cache = BlobCache("reg:1", str(path))
+    cache.remember("a/b", _blob(1), _blob(2).digest, "gzip")
+    with open(f"{path}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another run that hangs while saving
+        start = time.monotonic()
+        cache.save()
+        took = time.monotonic() - start
+    assert cache_mod.LOCK_WAIT - 0.1 <= took < cache_mod.LOCK_WAIT + 2
+    assert BlobCache("reg:1", str(path)).layer(_blob(2).digest, "gzip") == _blob(1)
+
+
+def test_a_broken_cache_is_replaced_by_the_next_save(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    good = {"digest": _blob(5).digest, "size": 5, "mediaType": "t"}
+    path.write_text(json.dumps({"reg:1": {
+        "layers": {f"gzip:{_blob(6).digest}": good, f"gzip:{_blob(7).digest}": {"size": "5"},
+                   f"lz4:{_blob(8).digest}": good},
+        "repos": {_blob(5).digest: ["a/b"], _blob(9).digest: "a/b"}}}))  # fmt: skip
+    cache = BlobCache("reg:1", str(path))
+    assert capsys.readouterr().err == (
+        f"fastlayer: warning: registry blob cache {path}: 3 malformed entries dropped "
+        "(only a hint: carrying on)\n"
+    )
+    assert cache.layer(_blob(6).digest, "gzip") == Blob(_blob(5).digest, 5, "t")
+    assert cache.repos_with(_blob(5).digest) == ["a/b"] and cache.repos_with(_blob(9).digest) == []
+    cache.remember("a/c", _blob(1))
+    cache.save()
+    BlobCache("reg:1", str(path))
+    assert capsys.readouterr().err == ""  # what was written reads back clean

@@ -21,7 +21,10 @@ What a registry sends is untrusted (DESIGN.md section 9):
 - Deadlines: every request has connect and read timeouts (the read timeout
   is the stall limit: no byte for that long is an error), and an overall
   deadline: a watchdog shuts every socket of the registry when it passes,
-  so a server trickling headers or a body 1 byte/s ends too.
+  so a server trickling headers or a body 1 byte/s ends too. urllib3 sends
+  a request body under the connect timeout, so that is the stall limit too
+  (at most CONNECT), and bodies go in SEND_BLOCK pieces: a registry that
+  takes no byte of an upload for that long ends it as a stall.
 - Server text in messages is shortened, control characters escaped, and
   anything that looks like a credential masked (`server_text`).
 """
@@ -48,7 +51,7 @@ from fastlayer import untrusted
 from fastlayer.errors import FastlayerError
 from fastlayer.registry.auth import Credentials, find_credentials, parse_challenge
 
-CONNECT = 30.0  # seconds to open a connection
+CONNECT = 30.0  # seconds to open a connection (at most: never past the stall limit)
 STALL = 60.0  # seconds without a byte before a transfer counts as stalled
 DEADLINE = 3600.0  # the default overall limit of one pull or push (0: none)
 USER_AGENT = "fastlayer"
@@ -56,6 +59,9 @@ MAX_REDIRECTS = 5
 MAX_TOKEN_RESPONSE = 1 << 20
 MESSAGE = 200  # characters of server text shown in a message
 CHUNK = 1 << 20
+# A request body goes out in sendall() calls of this size, each of which must end
+# within the stall limit (Python bounds a whole sendall): 64 KiB in 60 s is ~1 KiB/s.
+SEND_BLOCK = 64 << 10
 _REDIRECTS = (301, 302, 303, 307, 308)
 _TOKEN = re.compile(r"[!-~]{1,65536}")  # visible ASCII: it goes into a header
 
@@ -98,12 +104,16 @@ class Deadline:
         if self.expired.is_set() or (left is not None and left <= 0):
             raise self.error(what)
 
+    def connect_timeout(self) -> float:
+        """Seconds to connect, and (urllib3 2) to hand each piece of a body over."""
+        return min(CONNECT, self.stall or CONNECT)
+
     def timeouts(self, what: str) -> tuple[float, float | None]:
         """(connect, read) for a request: never past the overall deadline."""
         self.check(what)
         left = self.remaining()
         reads = [x for x in (self.stall, left) if x is not None]
-        return min(CONNECT, left or CONNECT), min(reads) if reads else None
+        return min(self.connect_timeout(), left or CONNECT), min(reads) if reads else None
 
     def track(self, sock: socket.socket) -> None:
         with self._lock:
@@ -120,17 +130,21 @@ class Deadline:
             "deadline (--timeout)"
         )
 
-    def failure(self, what: str, e: BaseException) -> FastlayerError:
-        """The one-line error for a transfer that broke: deadline, stall or network."""
+    def failure(self, what: str, e: BaseException, sending: bool = False) -> FastlayerError:
+        """The one-line error for a transfer that broke: deadline, stall or network.
+        sending: the request had a body, which may be what stalled."""
         if self.expired.is_set():
             return self.error(what)
         if _is_timeout(e) and self.stall is not None:
             if isinstance(e, requests.exceptions.ConnectTimeout):
                 return FastlayerError(
-                    f"registry {self.registry}: no connection within {CONNECT:g} s for {what}"
+                    f"registry {self.registry}: no connection within "
+                    f"{self.connect_timeout():g} s for {what}"
                 )
+            moved = " sent or received" if sending else ""
             return FastlayerError(
-                f"registry {self.registry}: {what} stalled: no data for {self.stall:g} s"
+                f"registry {self.registry}: {what} stalled: no data{moved} for {self.stall:g} s "
+                "(--stall-timeout)"
             )
         return FastlayerError(f"registry {self.registry} unreachable during {what}: {_reason(e)}")
 
@@ -205,12 +219,12 @@ class _Adapter(HTTPAdapter):
         super().__init__(**kw)
 
     def init_poolmanager(self, *args, **kw) -> None:
-        super().init_poolmanager(*args, **kw)
+        super().init_poolmanager(*args, **{**kw, "blocksize": SEND_BLOCK})
         self.poolmanager.pool_classes_by_scheme = dict(self._pools)
 
     def proxy_manager_for(self, proxy: str, **kw):
         fresh = proxy not in self.proxy_manager
-        manager = super().proxy_manager_for(proxy, **kw)
+        manager = super().proxy_manager_for(proxy, **{**kw, "blocksize": SEND_BLOCK})
         if fresh:
             manager.pool_classes_by_scheme = dict(self._pools)
         return manager
@@ -331,7 +345,7 @@ class Registry:
                     "--insecure talks plain HTTP to a local registry"
                 ) from None
             except (requests.exceptions.RequestException, OSError) as e:
-                raise self.deadline.failure(what, e) from None
+                raise self.deadline.failure(what, e, sending=data is not None) from None
             if r.status_code not in _REDIRECTS:
                 return r
             location = r.headers.get("Location")

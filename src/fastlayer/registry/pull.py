@@ -48,6 +48,7 @@ from fastlayer.model import (
 from fastlayer.registry.cache import Blob, BlobCache
 from fastlayer.registry.client import DEADLINE, STALL, Registry, content_length, server_text
 from fastlayer.registry.reference import Reference, parse_reference
+from fastlayer.sources import schema
 
 ACCEPT = [MT_OCI_INDEX, MT_DOCKER_LIST, MT_OCI_MANIFEST, MT_DOCKER_MANIFEST]
 INDEX_TYPES = (MT_OCI_INDEX, MT_DOCKER_LIST)
@@ -113,7 +114,7 @@ def pull(
             raise FastlayerError(f"{ref}: unsupported manifest type {untrusted.short(mtype)}")
         cdesc = _descriptor(f"{where}.config", manifest["config"])
         config_raw = _small_blob(reg, ref.repository, cdesc)
-        config, diff_ids = _config(config_raw, f"{ref}: config {cdesc['digest'][:19]}")
+        config, diff_ids = _config(config_raw, f"{reg.registry}/{ref.repository}: config")
         layers = untrusted.field(manifest, "layers", list, where, default=[])
         descs = [_descriptor(f"{where}.layers[{i}]", d) for i, d in enumerate(layers)]
         if len(descs) != len(diff_ids):
@@ -125,6 +126,7 @@ def pull(
         if format == "oci-dir" and os.path.exists(output) and not _empty_dir(output):
             raise FastlayerError(f"{output} exists; pull into a new directory")
         parent = os.path.dirname(os.path.abspath(output))
+        cache = BlobCache(ref.registry)  # before any output: it warns at worst, never fails
         with tempfile.TemporaryDirectory(dir=parent, prefix=".fastlayer-pull-") as tmp:
             blobs = os.path.join(tmp, "blobs", "sha256")
             os.makedirs(blobs)
@@ -133,7 +135,6 @@ def pull(
                 _write_oci(tmp, output, raw, mtype, config_raw, cdesc, tag)
             else:
                 _write_docker(output, blobs, descs, diff_ids, config, f"{name}:{tag}")
-        cache = BlobCache(ref.registry)
         layers = []
         for d, diff_id in zip(descs, diff_ids, strict=True):
             blob = Blob(d["digest"], d["size"], d.get("mediaType", ""))
@@ -163,14 +164,11 @@ def _hex(digest: str) -> str:
 
 
 def _config(raw: bytes, where: str) -> tuple[dict, list[str]]:
-    """The image config and its rootfs.diff_ids, their types checked."""
-    config = untrusted.of_type(_json(raw, where), dict, where)
-    rootfs = untrusted.field(config, "rootfs", dict, where, default={})
-    diff_ids = untrusted.each(
-        untrusted.field(rootfs, "diff_ids", list, f"{where}.rootfs", default=[]),
-        f"{where}.rootfs.diff_ids", untrusted.digest,
-    )  # fmt: skip
-    return config, diff_ids
+    """The image config, every field fastlayer reads or writes of its spec type (as
+    for a base image on disk: a docker-archive with "Env": "x" is unreadable), and
+    its rootfs.diff_ids."""
+    config = schema.image_config(_json(raw, where), where)
+    return config, config["rootfs"]["diff_ids"]
 
 
 def _empty_dir(path: str) -> bool:

@@ -111,7 +111,9 @@ class Body:
     def read(self, n: int = -1) -> bytes:
         if self._f is None:
             self._f = self._open()
-        chunk = self._f.read(min(CHUNK, self.size - self._sent + 1))
+        # n is the HTTP client's send block: each block must leave within the stall limit
+        want = min(n if n > 0 else CHUNK, CHUNK, self.size - self._sent + 1)
+        chunk = self._f.read(want)
         if self._check is not None:
             self._hash.update(chunk)
             self._sent += len(chunk)
@@ -376,7 +378,8 @@ class _BytesReader:
         self.data = data
 
     def read(self, n: int = -1) -> bytes:
-        data, self.data = self.data, b""
+        cut = len(self.data) if n < 0 else n
+        data, self.data = self.data[:cut], self.data[cut:]
         return data
 
     def close(self) -> None:
