@@ -229,10 +229,10 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "patch,expected",
     [
-        ({"colour": "red"}, "unknown key(s) colour"),
+        ({"colour": "red"}, "unknown key 'colour'; known keys: name, tag, contents"),
         ({"max_layers": "ten"}, "max_layers: must be an integer"),
         ({"name": "Bad Name"}, "is not a valid image name"),
-        ({"config": {"Cmdd": []}}, "unknown config key 'Cmdd'"),
+        ({"config": {"Cmdd": []}}, "config: unknown key 'Cmdd' (did you mean Cmd?)"),
         ({"contents": {"roots": ["/does/not/exist"]}}, "path does not exist: /does/not/exist"),
         ({"created": "yesterday"}, "not 'now', epoch seconds or ISO 8601"),
     ],

@@ -160,7 +160,10 @@ def test_umoci_unpacks_oci_dir(store, tmp_path, compress):
     record = write_image(store, layout, "oci-dir", compress)
     assert record.manifest_digest is not None
     index = json.loads((layout / "index.json").read_text())
-    assert index["manifests"][0]["annotations"] == {"org.opencontainers.image.ref.name": "v1"}
+    assert index["manifests"][0]["annotations"] == {
+        "org.opencontainers.image.ref.name": "v1",  # what umoci --image DIR:v1 looks up
+        "io.containerd.image.name": "reg.example:5000/team/app:v1",
+    }
     manifest = json.loads((layout / "blobs/sha256" / record.manifest_digest[7:]).read_bytes())
     want = "application/vnd.oci.image.layer.v1.tar" + ("" if compress == "none" else "+gzip")
     assert {x["mediaType"] for x in manifest["layers"]} == {want}

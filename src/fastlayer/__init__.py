@@ -18,8 +18,6 @@ from typing import Any
 
 from fastlayer.errors import FastlayerError
 
-__version__ = "0.1.0"
-
 _LAZY = {
     "build": "fastlayer.builder",
     "stream": "fastlayer.builder",
@@ -48,7 +46,31 @@ _LAZY = {
 __all__ = ["FastlayerError", "__version__", *_LAZY]
 
 
+def _version() -> str:
+    """The installed distribution's version (its metadata); run from a source
+    tree that is not installed, the version pyproject.toml declares."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("fastlayer")
+    except metadata.PackageNotFoundError:
+        pass
+    import os
+    import re
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    pyproject = os.path.join(here, os.pardir, os.pardir, "pyproject.toml")  # src/fastlayer/..
+    try:
+        with open(pyproject, encoding="utf-8") as f:
+            found = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.MULTILINE)
+    except OSError:
+        found = None
+    return found.group(1) if found else "0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # looked up when asked: importlib.metadata costs start-up time
+        return _version()
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'fastlayer' has no attribute {name!r}")

@@ -165,11 +165,21 @@ def stage_nix_db(spec: Spec, graph: Any, base: Image | None, staging: Path, mtim
 
 
 class _Progress:
-    """Layer k of n, bytes, rate and time left on a terminal; nothing otherwise."""
+    """Layer k of n, bytes, rate and time left on a terminal; nothing otherwise.
 
-    def __init__(self, total: int, layers: int, enabled: bool):
+    The total is the sum of the layers' sizes: exact for a layer done, or begun
+    when its size is known before it is produced (a walked layer); for a layer
+    not yet begun, its estimate (a store layer's narSize sum; none: 0); for a
+    layer whose size shows only as it is produced (a decompressed base layer),
+    the bytes seen so far. So the percentage never passes 100% and the total
+    is exact from the last layer on."""
+
+    def __init__(self, estimates: list[int | None], layers: int, enabled: bool):
         self.bar = None
         self.layers = layers
+        self.sizes = [*estimates, *[None] * (layers - len(estimates))]  # per layer, 0-based
+        self.done = 0  # bytes of the layers finished
+        total = sum(s or 0 for s in self.sizes)
         if enabled:
             from tqdm import tqdm
 
@@ -189,28 +199,50 @@ class _Progress:
                 nrows=None if width else 24,  # tqdm hides bars below a 0-row screen
             )
 
+    def _total_from(self, k: int, seen: int) -> int:
+        """seen bytes, plus what layers k.. (0-based) are expected to hold."""
+        return seen + sum(s or 0 for s in self.sizes[k:])
+
     def wrap(self, source: LayerSource, k: int) -> LayerSource:
         if self.bar is None:
             return source
-        bar, layers = self.bar, self.layers
+        bar, layers, progress = self.bar, self.layers, self
 
         class Counted:
             size = source.size
 
             def pump(self, write: Callable[[memoryview], object]) -> str:
+                if k - 1 < len(progress.sizes):
+                    progress.sizes[k - 1] = source.size  # exact, or None: counted as seen
+                bar.total = progress._total_from(k - 1, progress.done)
                 bar.set_description(f"layer {k}/{layers}")
 
                 def counted(view: memoryview) -> object:
                     bar.update(len(view))
+                    if bar.n > bar.total:  # a layer of unknown size: grow with it
+                        bar.total = progress._total_from(k, bar.n)
                     return write(view)
 
-                return source.pump(counted)
+                digest = source.pump(counted)
+                if k - 1 < len(progress.sizes):
+                    progress.sizes[k - 1] = bar.n - progress.done
+                progress.done = bar.n
+                bar.total = progress._total_from(k, progress.done)
+                bar.refresh()  # the layer done: shown whole, however short it took
+                return digest
 
         return Counted()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _size_estimates(base: Image | None, plan: Any) -> list[int | None]:
+    """Sizes of the first layers as known before building: base layers' (None when
+    compressed), then store layers' narSize sums; later layers are measured."""
+    sizes: list[int | None] = [x.size for x in base.layers] if base else []
+    return sizes + ([x.size for x in plan.layers] if plan else [])
 
 
 def build(
@@ -258,7 +290,7 @@ def build_into(
     plan = plan_store_layers(spec, n_base + len(files), graph)
     store_paths = [layer.paths for layer in plan.layers] if plan else []
     n_layers = n_base + len(store_paths) + len(files) + 1
-    bar = _Progress(plan.total_size if plan else 0, n_layers, progress)
+    bar = _Progress(_size_estimates(base, plan), n_layers, progress)
     name = name or spec.name
     try:
         with tempfile.TemporaryDirectory(prefix="fastlayer-stage-") as staging_dir:

@@ -39,11 +39,31 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastlayer", description="Build layered container images, fast."
     )
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    if command == "--version":
+        modules = []  # nothing to import: the version is all that is asked
+    elif command in COMMANDS:
+        modules = [COMMANDS[command]]
+    else:
+        modules = list(dict.fromkeys(COMMANDS.values()))
     for name in modules:
         importlib.import_module(f"fastlayer.commands.{name}").register(sub)
     return parser
+
+
+class _Version(argparse.Action):
+    """--version: `fastlayer X.Y.Z` from the installed package's metadata, looked
+    up only when asked."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kw: object):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        import fastlayer
+
+        print(f"fastlayer {fastlayer.__version__}")
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,10 +182,7 @@ def _from_dict(data: dict[str, Any], where: str, base_dir: str) -> Spec:
     """A dict as read from a file: keys checked, relative paths made absolute,
     octal mode strings and epoch times converted; then `_check`."""
     data = dict(data)
-    known = {f.name for f in fields(Spec)}
-    unknown = sorted(set(data) - known, key=str)
-    if unknown:
-        raise Invalid(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+    untrusted.known_keys(data, [f.name for f in fields(Spec)], where)
     if "name" not in data:
         raise Invalid(f"{where}: missing key 'name'")
     contents = _contents(data.pop("contents", None), where, base_dir)
@@ -215,9 +212,7 @@ def _contents(value: Any, where: str, base_dir: str) -> Contents:
     if isinstance(value, list):  # shorthand: a list of store paths
         value = {"store_paths": value}
     value = untrusted.of_type(value, dict, f"{where}: contents")
-    bad = sorted(set(value) - {f.name for f in fields(Contents)}, key=str)
-    if bad:
-        raise Invalid(f"{where}: unknown key(s) in contents: {', '.join(map(str, bad))}")
+    untrusted.known_keys(value, [f.name for f in fields(Contents)], f"{where}: contents")
     c = Contents(**value)
     for key in ("store_paths", "roots", "files"):
         items = untrusted.str_list(getattr(c, key), f"{where}: contents.{key}")
@@ -237,8 +232,7 @@ def _fake_nss(value: Any, where: str) -> FakeNss | None:
     if not isinstance(value, dict):
         raise Invalid(f"{where}: fake_nss must be true, false or a table, not {short(value)}")
     nss = value
-    if set(nss) - {"passwd", "group"}:
-        raise Invalid(f"{where}: fake_nss takes only passwd and group lines")
+    untrusted.known_keys(nss, ["passwd", "group"], f"{where}: fake_nss")
     return FakeNss(**nss)
 
 
@@ -260,10 +254,9 @@ def _layer(entry: Any, where: str, base_dir: str) -> LayerSpec:
 def _permission(rule: Any, where: str) -> Permission:
     """One permissions entry; `where` is "<spec>: permissions[i]"."""
     rule = untrusted.of_type(rule, dict, where)
+    untrusted.known_keys(rule, ["path", "uid", "gid", "mode"], where)
     if "path" not in rule:
         raise Invalid(f"{where} needs a 'path'")
-    if set(rule) - {"path", "uid", "gid", "mode"}:
-        raise Invalid(f"{where} takes path, uid, gid and mode")
     mode = rule.get("mode")
     if mode is not None:
         mode = _mode(mode, f"{where}.mode")
@@ -373,10 +366,9 @@ def _check_permission(p: Any, where: str) -> None:
 def _check_config(config: dict[str, Any], where: str) -> None:
     """The keys fastlayer writes into the image config, with the types the
     image spec gives them (a wrong one makes an image other tools refuse)."""
+    untrusted.known_keys(config, list(CONFIG_KEYS), where)
     for key, value in config.items():
-        typ = CONFIG_KEYS.get(key)
-        if typ is None:
-            raise Invalid(f"{where}: unknown config key {key!r} (known: {', '.join(CONFIG_KEYS)})")
+        typ = CONFIG_KEYS[key]
         at = f"{where}.{key}"
         untrusted.of_type(value, typ, at)
         if key in ("Cmd", "Entrypoint", "Env", "OnBuild", "Shell"):
@@ -396,13 +388,12 @@ def _check_config(config: dict[str, Any], where: str) -> None:
 
 def _check_healthcheck(value: dict[str, Any], where: str) -> None:
     durations = ("Interval", "Timeout", "StartPeriod", "StartInterval", "Retries")
+    untrusted.known_keys(value, ["Test", *durations], where)
     for k, v in value.items():
         if k == "Test":
             untrusted.str_list(v, f"{where}.Test")
-        elif k in durations:
-            untrusted.integer(v, f"{where}.{k}")
         else:
-            raise Invalid(f"{where}: unknown key {k!r} (known: Test, {', '.join(durations)})")
+            untrusted.integer(v, f"{where}.{k}")
 
 
 def _check_contents(spec: Spec, where: str) -> None:
@@ -422,6 +413,8 @@ def _check_contents(spec: Spec, where: str) -> None:
             raise Invalid(f"{where}: store path {p!r} is not under store_dir {spec.store_dir}")
     if c.store_paths and spec.include_store_paths and not c.graph:
         raise Invalid(f"{where}: contents.store_paths needs contents.graph (their closure graph)")
+    if spec.nix_db and not c.graph:
+        raise Invalid(f"{where}: nix_db needs contents.graph (the closure to register)")
 
 
 def _check_paths(spec: Spec, where: str) -> None:

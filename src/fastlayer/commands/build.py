@@ -10,6 +10,7 @@ from fastlayer.errors import FastlayerError
 from fastlayer.sinks import FORMATS
 
 COMPRESS_BY_SUFFIX = {".tar.gz": "gzip", ".tgz": "gzip", ".tar.zst": "zstd", ".tar": "none"}
+SUFFIX_FOR = {"gzip": "*.tar.gz", "zstd": "*.tar.zst"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--compress",
         choices=("none", "gzip", "zstd"),
-        help="compress the archive (default: from the extension, else the spec)",
+        help="compress the archive (OCI formats: each layer); wins over the spec's "
+        "compression and -o's extension. Without it, -o's extension (.tar, .tar.gz/.tgz, "
+        ".tar.zst) decides, else the spec's compression; a spec compression other than "
+        "none that the extension contradicts is refused",
     )
     _common(b)
     b.set_defaults(func=run_build)
@@ -41,26 +45,41 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 
 
-def compression_for(output: str, given: str | None) -> str | None:
+def compression_for(output: str, given: str | None, spec: str, format: str, where: str) -> str:
+    """--compress, else what -o's extension names, else spec (the spec's compression).
+    A spec's compression (other than the default none) that the extension
+    contradicts is an error rather than silently overridden."""
     if given:
         return given
-    for suffix, kind in COMPRESS_BY_SUFFIX.items():
-        if output.endswith(suffix):
-            return kind
-    return None
+    by_name = next(
+        (kind for suffix, kind in COMPRESS_BY_SUFFIX.items() if output.lower().endswith(suffix)),
+        None,
+    )
+    if format == "oci-dir" or (format == "oci-archive" and by_name == "none"):
+        by_name = None  # a directory's name, or an OCI archive's .tar, says nothing of layers
+    if by_name is None:
+        return spec
+    if spec not in ("none", by_name):
+        raise FastlayerError(
+            f'{where}: compression = "{spec}" but -o {output} names '
+            f"{'an uncompressed' if by_name == 'none' else 'a ' + by_name} archive; "
+            f"name it {SUFFIX_FOR[spec]} or choose with --compress"
+        )
+    return by_name
 
 
 def run_build(args: argparse.Namespace) -> int:
     from fastlayer.builder import build
     from fastlayer.sinks.output import is_stdout
+    from fastlayer.spec import load_spec
 
-    compress = compression_for(args.output, args.compress)
+    spec = load_spec(args.spec)
+    where = f"spec {args.spec}"
+    compress = compression_for(args.output, args.compress, spec.compression, args.format, where)
     # decided before the build: a replaced file is no longer the one stdout names
     args.tag_to_stderr = is_stdout(args.output)
-    if args.format == "oci-dir" and compress not in (None, "none") and args.compress is None:
-        compress = None  # a directory has no extension to go by
     result = build(
-        args.spec,
+        spec,
         args.output,
         format=args.format,
         compress=compress,

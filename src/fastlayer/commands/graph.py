@@ -52,6 +52,8 @@ def _run_scan(args: argparse.Namespace) -> int:
     infos = scan_store(
         args.store_dir, args.paths or None, jobs=args.jobs, print_dir=args.print_store_dir
     )
+    if not infos:  # only with no PATHS given: a named path that is not one is an error already
+        raise FastlayerError(_no_store_paths(args.store_dir))
     if not args.output:
         write_graph(infos, sys.stdout)
         return 0
@@ -61,3 +63,23 @@ def _run_scan(args: argparse.Namespace) -> int:
     except OSError as e:
         raise FastlayerError(f"{args.output}: {e.strerror}") from None
     return 0
+
+
+def _no_store_paths(store_dir: str) -> str:
+    """Why `graph scan` found nothing: what a store path's name looks like, and
+    what the directory holds instead."""
+    import os
+
+    from fastlayer.untrusted import short
+
+    names = sorted(os.listdir(store_dir))
+    held = (
+        f"; none of its {len(names)} entries is one (e.g. {short(names[0], 60)})"
+        if names
+        else "; it is empty"
+    )
+    return (
+        f"{store_dir}: no store paths to scan: a store path's name is 32 nix-base32 "
+        "characters (0-9 and a-z without e, o, t, u), a dash and a name, "
+        f"e.g. 0c7pqrk3bn2yz8z3nb8vvvk1i4ka0x1n-hello-2.12{held}"
+    )

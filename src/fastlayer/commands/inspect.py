@@ -125,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def human(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -141,7 +145,7 @@ def print_text(result: dict[str, Any]) -> None:
         print(f"image {img['image']}: {', '.join(img['repo_tags']) or '(untagged)'}")
         print(
             f"  {cfg.get('os', '?')}/{cfg.get('architecture', '?')}, created {cfg.get('created')}"
-            f", {len(img['layers'])} layers, {human(total)}"
+            f", {plural(len(img['layers']), 'layer')}, {human(total)}"
         )
         print("  config: " + json.dumps(cfg.get("config") or {}, sort_keys=True))
         for i, x in enumerate(img["layers"], 1):
@@ -153,6 +157,6 @@ def print_text(result: dict[str, Any]) -> None:
     if "shared" in result:
         shared = result["shared"]
         size = sum(x["size"] for x in shared)
-        print(f"shared: {len(shared)} layers, {human(size)}")
+        print(f"shared: {plural(len(shared), 'layer')}, {human(size)}")
         for x in shared:
             print(f"  {x['diff_id']}  A layer {x['in_a']}, B layer {x['in_b']}")

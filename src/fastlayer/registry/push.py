@@ -63,19 +63,24 @@ WORKERS = 3
 
 @dataclass
 class PushStats:
+    """Counts of layers (present + mounted + uploaded == layers); the config's
+    fate apart, as it is no layer."""
+
     layers: int = 0
-    present: int = 0  # the registry had the blob (HEAD)
+    present: int = 0  # the registry had the layer's blob (HEAD)
     mounted: int = 0  # mounted from another repository
-    uploaded: int = 0  # blobs sent, config included
-    uploaded_bytes: int = 0
+    uploaded: int = 0  # layer blobs sent
+    uploaded_bytes: int = 0  # every blob sent, config included
     compressed: int = 0  # layers compressed here
     unread: int = 0  # base layers never read (cache + HEAD)
+    config: str = ""  # "present", "mounted" or "uploaded"
 
     def summary(self) -> str:
+        noun = "layer" if self.layers == 1 else "layers"
         return (
-            f"{self.layers} layers: {self.present} present, {self.mounted} mounted, "
-            f"{self.compressed} compressed; {self.uploaded} blobs uploaded "
-            f"({self.uploaded_bytes / (1 << 20):.1f} MiB)"
+            f"{self.layers} {noun}: {self.present} present, {self.mounted} mounted, "
+            f"{self.uploaded} uploaded, {self.compressed} compressed; config {self.config}; "
+            f"{self.uploaded_bytes / (1 << 20):.1f} MiB sent"
         )
 
 
@@ -245,10 +250,14 @@ class RegistrySink:
         if blob is None:
             return None
         blob = Blob(blob.digest, blob.size, TO_OCI.get(blob.media_type, blob.media_type))
-        if self._present(blob) or self._mount(blob) == "":
-            self.cache.remember(self.repo, blob, diff_id, self.kind)
-            return blob
-        return None
+        if self._present(blob):
+            self._count(present=1)
+        elif self._mount(blob) == "":
+            self._count(mounted=1)
+        else:
+            return None
+        self.cache.remember(self.repo, blob, diff_id, self.kind)
+        return blob
 
     def _ship_layer(self, spool: Spool, w: WrittenLayer) -> None:
         compressed: Spool | None = None
@@ -275,10 +284,7 @@ class RegistrySink:
     # -- blobs ------------------------------------------------------------------------
 
     def _present(self, blob: Blob) -> bool:
-        if self.reg.blob_size(self.repo, blob.digest) == blob.size:
-            self._count(present=1)
-            return True
-        return False
+        return self.reg.blob_size(self.repo, blob.digest) == blob.size
 
     def _mount(self, blob: Blob) -> str | None:
         """Mount from a repository the cache names: "" when mounted, else the upload URL
@@ -289,18 +295,22 @@ class RegistrySink:
                 continue
             location = self.reg.start_upload(self.repo, mount=blob.digest, source=other)
             if location == "":
-                self._count(mounted=1)
                 return ""
             break  # the registry opened an upload instead: use it
         return location
 
-    def _ensure(self, blob: Blob, open_: Callable[[], BinaryIO], verify: bool = False) -> None:
+    def _ensure(
+        self, blob: Blob, open_: Callable[[], BinaryIO], verify: bool = False, config: bool = False
+    ) -> None:
         """The blob in the repository: already there, mounted, or uploaded (with
-        verify, its bytes are checked against its digest as they are sent)."""
+        verify, its bytes are checked against its digest as they are sent). Counted
+        as a layer's, or with config as the config's."""
         if self._present(blob):
+            self._counted("present", config)
             return
         location = self._mount(blob)
         if location == "":
+            self._counted("mounted", config)
             return
         location = location or self.reg.start_upload(self.repo)
         body = Body(open_, blob.size, self._progress, blob.digest if verify else None)
@@ -308,7 +318,14 @@ class RegistrySink:
             self.reg.finish_upload(self.repo, location, blob.digest, body, blob.size)  # type: ignore[arg-type]
         finally:
             body.close()
-        self._count(uploaded=1, uploaded_bytes=blob.size)
+        self._count(uploaded_bytes=blob.size)
+        self._counted("uploaded", config)
+
+    def _counted(self, outcome: str, config: bool) -> None:
+        if config:
+            self.stats.config = outcome
+        else:
+            self._count(**{outcome: 1})
 
     def _count(self, **kw: int) -> None:
         with self._lock:
@@ -337,7 +354,7 @@ class RegistrySink:
         self._pool.shutdown()
         config_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
         config = Blob(config_digest, len(config_raw), MT_OCI_CONFIG)
-        self._ensure(config, lambda: _BytesReader(config_raw))
+        self._ensure(config, lambda: _BytesReader(config_raw), config=True)
         self.cache.remember(self.repo, config)  # so another repository can mount it
         manifest = {
             "schemaVersion": 2,

@@ -4,8 +4,10 @@ Per the OCI image spec: `oci-layout` {"imageLayoutVersion": "1.0.0"},
 `blobs/sha256/<hex>` named by the digest of the blob as stored, and
 `index.json` whose descriptors carry `org.opencontainers.image.ref.name`
 = the tag (what `skopeo copy oci:DIR:TAG` and `umoci --image DIR:TAG`
-look up). Layers are stored uncompressed, gzip or zstd (one media type
-each); diff_ids in the config are always of the uncompressed tar.
+look up) and `io.containerd.image.name` = the full `name:tag` (what
+`podman load` and containerd name the image by). Layers are stored
+uncompressed, gzip or zstd (one media type each); diff_ids in the config
+are always of the uncompressed tar.
 
 A blob's name is known only after its bytes: in a directory it is written
 to a temporary file in blobs/sha256 and renamed; in an archive it waits in
@@ -44,6 +46,9 @@ from fastlayer.sinks.output import output_fd
 from fastlayer.sinks.spool import HashingSpool, Spool
 
 REF_NAME = "org.opencontainers.image.ref.name"
+# The full `name:tag`: what `podman load` of an OCI archive names the image by
+# (ref.name alone would give localhost/<tag>:latest), as containerd writes it.
+IMAGE_NAME = "io.containerd.image.name"
 LAYER_TYPES = {"none": MT_OCI_LAYER, "gzip": MT_OCI_LAYER_GZIP, "zstd": MT_OCI_LAYER_ZSTD}
 LAYOUT = json.dumps({"imageLayoutVersion": OCI_LAYOUT_VERSION}).encode()
 
@@ -89,17 +94,21 @@ class _OciImage(Finishing):
         }
         manifest_raw = _json(manifest)
         self.put_blob(manifest_raw)
-        refs = [split_ref(t)[1] for t in full_tags(repo_tags, self.name, self.tag)]
-        self.put_index(descriptor(MT_OCI_MANIFEST, manifest_raw), list(dict.fromkeys(refs)))
+        refs = list(dict.fromkeys(full_tags(repo_tags, self.name, self.tag)))
+        self.put_index(descriptor(MT_OCI_MANIFEST, manifest_raw), refs)
         self.finished = True
         mdigest = "sha256:" + hashlib.sha256(manifest_raw).hexdigest()
         return ImageRecord(manifest["config"]["digest"], mdigest, list(self.layers))
 
 
 def index_json(manifests: list[dict], desc: dict, refs: list[str]) -> bytes:
-    """index.json: earlier entries kept unless they carry one of refs, then ours."""
-    kept = [m for m in manifests if (m.get("annotations") or {}).get(REF_NAME) not in refs]
-    ours = [{**desc, "annotations": {REF_NAME: r}} for r in refs] or [desc]
+    """index.json: earlier entries kept unless they carry the tag of one of refs
+    (`name:tag` references), then ours: the tag as ref.name, the full reference
+    as io.containerd.image.name."""
+    ours = [{**desc, "annotations": {REF_NAME: split_ref(ref)[1], IMAGE_NAME: ref}} for ref in refs]
+    tags = {x["annotations"][REF_NAME] for x in ours}
+    kept = [m for m in manifests if (m.get("annotations") or {}).get(REF_NAME) not in tags]
+    ours = ours or [desc]
     return _json({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": kept + ours})
 
 

@@ -318,6 +318,7 @@ def _hash_tar(f: BinaryIO, where: str) -> tuple[str, int]:
     return tee.digest.hexdigest(), tee.size
 
 
+_REF_NAME = "org.opencontainers.image.ref.name"
 # Nested image indexes followed at most this deep.
 MAX_INDEX_DEPTH = 8
 
@@ -328,8 +329,11 @@ def _oci(files: _Files, tag: str | None, os_name: str, arch: str | None) -> Imag
         raise FastlayerError(f"image {files.path}: index.json lists no manifest")
 
     def names(d: dict) -> list[str]:
-        ref = (d.get("annotations") or {}).get("org.opencontainers.image.ref.name")
-        return [ref] if ref else []
+        """The full `name:tag` (io.containerd.image.name) first, then the tag
+        (ref.name): either picks the image."""
+        notes = d.get("annotations") or {}
+        found = (notes.get("io.containerd.image.name"), notes.get(_REF_NAME))
+        return list(dict.fromkeys(n for n in found if n))
 
     want = (
         tag.rsplit(":", 1)[-1] if tag and ":" in tag and tag not in _all(manifests, names) else tag
@@ -353,7 +357,7 @@ def _oci(files: _Files, tag: str | None, os_name: str, arch: str | None) -> Imag
         files.layer(u.blob_path(x["digest"], ""), d, comment=x["digest"])
         for x, d in zip(descs, diff_ids, strict=True)
     ]
-    return _announced(Image(config, layers, names(desc)))
+    return _announced(Image(config, layers, names(desc)[:1]))
 
 
 def _announced(image: Image) -> Image:
