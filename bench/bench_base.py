@@ -3,17 +3,20 @@
     python bench/bench_base.py [--dir /tmp/fastlayer-bench] [--size 1G] [--repeat 3]
 
 Builds (once) a docker-archive base image from the synthetic store of
-bench/synthstore.py, then times, with the page cache warm, best of --repeat:
+bench/synthstore.py, then times each, with the page cache warm, --repeat times:
 
 - cat: `cat base.tar > out` (one sequential copy of the base file: the floor);
 - fastlayer: `fastlayer build spec.json -o out.tar` where the spec has the base
   as from_image and a one-file customisation layer: base layers are copied
   once, trusted by their diff_ids (no re-hash);
 - fastlayer verified: the same with verify_base = true (the default): each
-  layer's region is hashed on two threads beside its kernel copy.
+  layer's region is hashed (preadv into a small buffer) on two threads,
+  ahead of and beside its kernel copy.
 
 The three runs alternate each round, so load changes hit them alike; the
-last line gives verified/cat and trusted/cat from this one run.
+last lines give verified/cat and trusted/cat from this one run, of the best
+and of the median times (the machine may be shared: quote both, and the
+load average printed with them).
 
 Outputs of both go to --out-dir (default /dev/shm when it exists): on a
 disk, the kernel's writeback of the previous run's gigabyte throttles the
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -42,8 +47,8 @@ def timed(argv: list[str], stdout=None) -> float:
 
 def interleaved(
     runs: dict[str, tuple[list[str], Path | None]], repeat: int, outputs: list[Path]
-) -> dict[str, float]:
-    """Best wall time of each run, the runs taken in turn each round so that a
+) -> dict[str, list[float]]:
+    """The wall times of each run, the runs taken in turn each round so that a
     change of machine load hits them alike; the first round warms the cache."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat + 1):
@@ -57,7 +62,7 @@ def interleaved(
                     times[name].append(timed(argv, stdout=f))
             else:
                 times[name].append(timed(argv))
-    return {name: min(t[1:]) for name, t in times.items()}
+    return {name: t[1:] for name, t in times.items()}
 
 
 def main() -> int:
@@ -104,21 +109,26 @@ def main() -> int:
         ),
     }
     outputs = [out / f for f in ("fastlayer-cat.out", "fastlayer-o.tar", "fastlayer-v.tar")]
-    best = interleaved(runs, args.repeat, outputs)
-    cat = best["cat base.tar > out"]
+    load = os.getloadavg()[0]
+    times = interleaved(runs, args.repeat, outputs)
+    best = {name: min(t) for name, t in times.items()}
+    median = {name: statistics.median(t) for name, t in times.items()}
     for f in ("fastlayer-cat.out", "fastlayer-o.tar", "fastlayer-v.tar"):
         (out / f).unlink(missing_ok=True)
     mib = size / 2**20
     print(
-        f"base image: {mib:.0f} MiB, {args.size} synthetic store, best of {args.repeat}, "
-        f"outputs in {out}"
+        f"base image: {mib:.0f} MiB, {args.size} synthetic store, {args.repeat} rounds, "
+        f"outputs in {out}, load average {load:.2f} before, {os.getloadavg()[0]:.2f} after"
     )
-    print(f"{'run':28s} {'wall s':>8s} {'MiB/s':>8s} {'x cat':>7s}")
+    print(f"{'run':28s} {'best s':>8s} {'MiB/s':>8s} {'x cat':>7s} {'median s':>9s} {'x cat':>7s}")
+    cat, cat_median = best["cat base.tar > out"], median["cat base.tar > out"]
     for name, t in best.items():
-        print(f"{name:28s} {t:8.2f} {mib / t:8.0f} {t / cat:7.2f}")
-    verified = best["fastlayer build (verified)"] / cat
-    trusted = best["fastlayer build (trusted)"] / cat
-    print(f"verified/cat = {verified:.2f}x, trusted/cat = {trusted:.2f}x (same run)")
+        m = median[name]
+        print(f"{name:28s} {t:8.2f} {mib / t:8.0f} {t / cat:7.2f} {m:9.2f} {m / cat_median:7.2f}")
+    for what, b in (("best", best), ("median", median)):
+        verified = b["fastlayer build (verified)"] / b["cat base.tar > out"]
+        trusted = b["fastlayer build (trusted)"] / b["cat base.tar > out"]
+        print(f"{what}: verified/cat = {verified:.2f}x, trusted/cat = {trusted:.2f}x (same run)")
     return 0
 
 

@@ -517,10 +517,12 @@ class RegionHasher:
 # message or its cleanup (issue 9). pread just returns short. The cost is
 # the copy into user memory; into a small buffer that stays in the core's
 # cache it is ~0.15 s sys per GiB more than mmap (8 MiB buffers: ~0.5 s).
-# Measured (95 layers, 1 GiB, 2 cores): mmap 0.86 s, pread 512 KiB 0.91 s;
-# hashing the copy's output instead (mmap of our own file, pipelined with
-# the copy chunk by chunk) 1.2 s: a layer's hash cannot start before its
-# copy, so hashes of different layers no longer overlap.
+# Measured (95 layers, 1 GiB, 2 shared cores, copy alone 0.62-0.72 s):
+# mmap 0.86 s, pread 512 KiB 0.91 s (128 KiB-2 MiB alike), whole builds
+# 1.19 vs 1.22 s best; hashing the copy's output instead (an mmap of our
+# own file, pipelined with the copy chunk by chunk) 1.2 s: a layer's hash
+# cannot start before its copy, so hashes of layers no longer overlap, and
+# the output's 4 KiB tmpfs pages cost more to map than the base's.
 HASH_BUF = 512 << 10
 _buffers = threading.local()
 
