@@ -513,3 +513,22 @@ def test_ignored_sighup_stays_ignored(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err.decode()
     assert out == b"1\n" and "manifest.json" in image_names((tmp_path / "out.tar").read_bytes())
+
+
+# --- --metadata is checked before the image is built ---------------------------------
+
+
+def test_metadata_into_a_directory_fails_before_the_image_is_written(tmp_path):
+    spec = small_spec(tmp_path)
+    (tmp_path / "meta").mkdir()
+    r = cli(tmp_path, "build", "-q", str(spec), "-o", "img.tar", "--metadata", "meta")
+    one_error(r, "cannot write meta", "directory")
+    assert not (tmp_path / "img.tar").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("meta", ["img.tar", "./img.tar"])
+def test_metadata_on_the_image_path_is_refused(tmp_path, meta):
+    spec = small_spec(tmp_path)
+    r = cli(tmp_path, "build", "-q", str(spec), "-o", "img.tar", "--metadata", meta)
+    one_error(r, "--metadata", "the image's own -o path")
+    assert not (tmp_path / "img.tar").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from fastlayer.errors import FastlayerError
@@ -74,6 +75,7 @@ def run_build(args: argparse.Namespace) -> int:
     from fastlayer.spec import load_spec
 
     spec = load_spec(args.spec)
+    _check_metadata(args.metadata, args.output)
     where = f"spec {args.spec}"
     compress = compression_for(args.output, args.compress, spec.compression, args.format, where)
     # decided before the build: a replaced file is no longer the one stdout names
@@ -94,9 +96,26 @@ def run_stream(args: argparse.Namespace) -> int:
 
     if sys.stdout.isatty():
         raise FastlayerError("refusing to write an image to a terminal; pipe it or use build -o")
+    _check_metadata(args.metadata, None)
     result = stream(args.spec, progress=not args.quiet and sys.stderr.isatty())
     _report(args, result)
     return 0
+
+
+def _check_metadata(metadata: str | None, output: str | None) -> None:
+    """Refuse a --metadata target before the image is built, not after it is in place."""
+    if not metadata:
+        return
+    from fastlayer.sinks.output import output_target
+
+    target = output_target(metadata)  # a directory, socket, ... is refused here
+    if (
+        output
+        and not target.stream
+        and os.path.abspath(target.path)
+        == os.path.abspath(output_target(output).path if os.path.lexists(output) else output)
+    ):
+        raise FastlayerError(f"--metadata {metadata} is the image's own -o path")
 
 
 def _report(args: argparse.Namespace, result) -> None:
