@@ -338,7 +338,7 @@ def test_budget_errors(tmp_path, monorepo):
     with pytest.raises(FastlayerError) as e:
         fastlayer.build(str(spec), str(tmp_path / "z.tar"))
     assert str(e.value) == (
-        f"spec {spec}: layers: 2 explicit layers + 1 customisation layer exceed max_layers 2"
+        f"spec {spec}: max_layers 2 is less than 3: 2 explicit layers + 1 customisation layer"
     )
 
 

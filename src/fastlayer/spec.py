@@ -308,9 +308,10 @@ def _check(spec: Spec, where: str) -> Spec:
     _check_contents(spec, where)
     untrusted.each(spec.layers, f"{where}: layers", _check_layer)
     if len(spec.layers) + 1 > spec.max_layers:  # a base image's layers are counted when built
+        n = len(spec.layers)
         raise Invalid(
-            f"{where}: layers: {len(spec.layers)} explicit layers + 1 customisation layer "
-            f"exceed max_layers {spec.max_layers}"
+            f"{where}: max_layers {spec.max_layers} is less than {n + 1}: "
+            f"{n} explicit layer{'s' if n != 1 else ''} + 1 customisation layer"
         )
     _check_paths(spec, where)
     return spec
