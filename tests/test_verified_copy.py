@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_hostile_base import spec_for
 
 from fastlayer import emit
 from fastlayer.cli import main
@@ -59,21 +60,6 @@ def docker_archive(path: Path, layers: list[bytes], diff_ids: list[str] | None =
             ti.size = len(data)
             t.addfile(ti, io.BytesIO(data))
     return path
-
-
-def spec_for(tmp_path: Path, base: Path, verify: bool = True) -> Path:
-    motd = tmp_path / "motd"
-    motd.write_text("hello\n")
-    spec = {
-        "name": "verified/child",
-        "tag": "t",
-        "from_image": str(base),
-        "verify_base": verify,
-        "contents": {"files": [str(motd)]},
-    }
-    p = tmp_path / f"spec-{verify}.json"
-    p.write_text(json.dumps(spec))
-    return p
 
 
 @pytest.fixture
