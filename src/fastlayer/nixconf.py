@@ -62,8 +62,6 @@ def parse_time(value: object, key: str) -> datetime:
         ) from None
 
 
-# uid_t is 32 bits and (uid_t)-1 means "no change": never an owner.
-MAX_ID = (1 << 32) - 2
 # 9999-12-31T23:59:59Z: the last time ISO 8601 (and docker) can write.
 MAX_TIME = 253402300799
 
@@ -74,7 +72,7 @@ def _id(value: object, key: str, where: str) -> int:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise Invalid(f"{where}: conf key {key!r}: must be an integer, not {short(value)}")
-    return u.integer(value, f"{where}: conf key {key!r}", 0, MAX_ID)
+    return u.integer(value, f"{where}: conf key {key!r}", 0, u.MAX_ID)
 
 
 def _time(value: object, key: str, where: str) -> datetime:

@@ -20,8 +20,6 @@ from fastlayer.untrusted import Invalid, short
 DEFAULT_TIME = "1970-01-01T00:00:01Z"
 # A spec is a few KiB; the cap only stops a spec that is /dev/zero-like.
 MAX_SPEC = 16 << 20
-# uid_t/gid_t are 32 bits and 2^32-1 is (uid_t)-1, "leave unchanged" to chown.
-MAX_ID = (1 << 32) - 2
 # Far above what registries and overlayfs take (~128 to 500 layers), low enough
 # that a typo like 1e9 is caught here rather than in per-layer arrays.
 MAX_LAYERS = 10000
@@ -327,7 +325,7 @@ def _check_values(spec: Spec, where: str) -> None:
         raise bad(f"tag {spec.tag!r} is not a valid tag")
     untrusted.integer(spec.max_layers, f"{where}: max_layers", 1, MAX_LAYERS)
     for key in ("uid", "gid", "nix_uid", "nix_gid"):
-        untrusted.integer(getattr(spec, key), f"{where}: {key}", 0, MAX_ID)
+        untrusted.integer(getattr(spec, key), f"{where}: {key}", 0, untrusted.MAX_ID)
     if spec.strategy not in STRATEGIES:
         raise bad(f"strategy must be one of {', '.join(STRATEGIES)}, not {short(spec.strategy)}")
     if spec.compression not in COMPRESSIONS:
@@ -359,7 +357,7 @@ def _check_permission(p: Any, where: str) -> None:
     _path(p.path, f"{where}.path")
     for key in ("uid", "gid"):
         if getattr(p, key) is not None:
-            untrusted.integer(getattr(p, key), f"{where}.{key}", 0, MAX_ID)
+            untrusted.integer(getattr(p, key), f"{where}.{key}", 0, untrusted.MAX_ID)
     if p.mode is not None:
         untrusted.integer(p.mode, f"{where}.mode", 0, 0o7777)
 

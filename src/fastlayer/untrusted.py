@@ -24,6 +24,9 @@ from fastlayer.errors import FastlayerError
 MAX_JSON = 4 << 20
 # Sizes and counts read from outside must fit a signed 64-bit integer.
 MAX_INT = (1 << 63) - 1
+# uid_t/gid_t are 32 bits and 2^32-1 is (uid_t)-1, "leave unchanged" to chown:
+# never an owner.
+MAX_ID = (1 << 32) - 2
 # JSON nesting deeper than this is no image, spec or graph we read.
 MAX_DEPTH = 64
 
