@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 
 import pytest
 import validators
+
+# The suite never touches the user's caches: the layer cache and the registry
+# blob cache live in $XDG_CACHE_HOME/fastlayer, here a directory of the session's
+# (tests that need an empty one set XDG_CACHE_HOME themselves).
+os.environ.pop("FASTLAYER_CACHE", None)
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="fastlayer-test-cache-")
 
 
 def pytest_report_header(config):

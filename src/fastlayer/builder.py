@@ -18,17 +18,23 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
-from fastlayer.emit import Owner, Pipeline, ReaderSource, StreamSource, store_layer
-from fastlayer.errors import FastlayerError
-from fastlayer.model import Image, LayerSource
+from fastlayer.emit import KnownOnly, Owner, Pipeline, ReaderSource, StreamSource, store_layer
+from fastlayer.errors import CacheMismatch, FastlayerError
+from fastlayer.model import Image, Known, Layer, LayerSource, WrittenLayer, compression_of
 from fastlayer.nixconf import merge_env
 from fastlayer.sinks.base import ImageSink
 from fastlayer.sources import explicit
 from fastlayer.sources.base_image import open_image
 from fastlayer.sources.customisation import customisation_layer, stage
 from fastlayer.spec import Spec, format_time, load_spec, parse_time
+
+if TYPE_CHECKING:
+    from fastlayer.cache import LayerCache
+
+# a build's cache argument: a directory, None (the default one), False (none), an open cache
+CacheChoice = Union[str, "os.PathLike[str]", bool, None, "LayerCache"]
 
 # Keys whose dicts merge (child wins per key); any other key set by the child
 # replaces the base's value. Env merges by variable name, as nixpkgs does.
@@ -54,6 +60,10 @@ class BuildResult:
     layers: list[LayerInfo]
     plan: Any = None
     record: Any = None  # the sink's ImageRecord
+    reused: int = 0  # layers the output held already (the layer cache said which)
+    read_bytes: int = 0  # bytes of the layers produced from disk (store, files)
+    copied: int = 0  # layers copied from an earlier image of the same batch
+    layer_keys: list[str | None] = field(default_factory=list)  # recipe keys, image order
 
     @property
     def ref(self) -> str:
@@ -210,6 +220,7 @@ class _Progress:
 
         class Counted:
             size = source.size
+            known = getattr(source, "known", None)
 
             def pump(self, write: Callable[[memoryview], object]) -> str:
                 if k - 1 < len(progress.sizes):
@@ -252,8 +263,12 @@ def build(
     format: str = "docker-archive",
     compress: str | None = None,
     progress: bool = False,
+    cache: CacheChoice = None,
 ) -> BuildResult:
-    """Build the image of spec into output (None: stdout) in the given format."""
+    """Build the image of spec into output (None: stdout) in the given format.
+
+    cache: the layer cache directory, None for the default one (FASTLAYER_CACHE,
+    else $XDG_CACHE_HOME/fastlayer), False for none, or an open LayerCache."""
     from fastlayer.sinks import open_sink
 
     spec = load_spec(spec)
@@ -262,7 +277,51 @@ def build(
         kind = compress or spec.compression
         return open_sink(output, format=format, compress=kind, name=spec.name, mtime=mtime)
 
-    return build_into(spec, sink_for, progress=progress)
+    return build_into(spec, sink_for, progress=progress, cache=cache)
+
+
+def layer_cache(cache: CacheChoice) -> LayerCache | None:
+    """The LayerCache a build's cache argument names (see build)."""
+    if cache is None or isinstance(cache, (str, bool, os.PathLike)):
+        from fastlayer.cache import open_cache
+
+        return open_cache(os.fspath(cache) if isinstance(cache, os.PathLike) else cache)
+    return cache
+
+
+def owner_of(spec: Spec) -> Owner:
+    """mtime, uid, gid and names every generated entry of spec's image carries."""
+    mtime = int(parse_time(spec.mtime, "mtime").timestamp())
+    return Owner(mtime=mtime, uid=spec.uid, gid=spec.gid, uname=spec.uname, gname=spec.gname)
+
+
+class Inputs(NamedTuple):
+    """What a spec's layers come from, before planning."""
+
+    base: Image | None
+    graph: Any  # the closure (ClosureGraph) or None
+    files: list[explicit.FileLayer]  # explicit and root layers
+
+    def store_budget(self, spec: Spec) -> int | None:
+        """Store layers the plan may use (None: the image holds no store paths)."""
+        if not spec.include_store_paths or not spec.contents.graph:
+            return None
+        from fastlayer.plan.limit import store_layer_budget
+
+        n_base = len(self.base.layers) if self.base else 0
+        return store_layer_budget(spec.max_layers, n_base + len(self.files))
+
+
+def layer_inputs(spec: Spec) -> Inputs:
+    """Open the base image, load the closure, expand explicit and root layers."""
+    base = open_image(spec.from_image, tag=spec.from_image_tag) if spec.from_image else None
+    graph = closure_graph(spec) if (spec.nix_db or spec.include_store_paths) else None
+    n_base = len(base.layers) if base else 0
+    # explicit and root layers (sources/explicit.py holds the budget rule)
+    has_store = bool(spec.include_store_paths and spec.contents.graph)
+    files = explicit.explicit_layers(spec)
+    files += explicit.fit(spec, n_base, len(files), explicit.root_layers(spec), has_store)
+    return Inputs(base, graph, files)
 
 
 def build_into(
@@ -272,26 +331,32 @@ def build_into(
     name: str | None = None,
     tag: str | None = None,
     progress: bool = False,
+    cache: CacheChoice = None,
+    plan: Any = None,
+    reuse: dict[str, tuple[str, int, int, str]] | None = None,
+    inputs: Inputs | None = None,
 ) -> BuildResult:
     """Build into the sink sink_for(mtime) opens (a file, a registry...).
 
-    name/tag: the reference to record, when not the spec's own."""
+    name/tag: the reference to record, when not the spec's own. plan: the store
+    layers' plan when made elsewhere (a batch plans its images together), from
+    inputs (layer_inputs(spec), made once for both).
+    reuse: recipe key -> (file, offset, size, diff_id) of layers this run wrote
+    already, uncompressed, into a file: copied from there instead of produced."""
     spec = load_spec(spec)
+    cache = layer_cache(cache)
     created = parse_time(spec.created, "created")
-    mtime = int(parse_time(spec.mtime, "mtime").timestamp())
-    owner = Owner(mtime=mtime, uid=spec.uid, gid=spec.gid, uname=spec.uname, gname=spec.gname)
-    base = open_image(spec.from_image, tag=spec.from_image_tag) if spec.from_image else None
-    graph = closure_graph(spec) if (spec.nix_db or spec.include_store_paths) else None
+    owner = owner_of(spec)
+    mtime = owner.mtime
+    base, graph, files = inputs if inputs is not None else layer_inputs(spec)
     n_base = len(base.layers) if base else 0
-    # explicit and root layers (sources/explicit.py holds the budget rule)
-    has_store = bool(spec.include_store_paths and spec.contents.graph)
-    files = explicit.explicit_layers(spec)
-    files += explicit.fit(spec, n_base, len(files), explicit.root_layers(spec), has_store)
-    plan = plan_store_layers(spec, n_base + len(files), graph)
+    if plan is None:
+        plan = plan_store_layers(spec, n_base + len(files), graph)
     store_paths = [layer.paths for layer in plan.layers] if plan else []
     n_layers = n_base + len(store_paths) + len(files) + 1
     bar = _Progress(_size_estimates(base, plan), n_layers, progress)
     name = name or spec.name
+    recipes = Recipes(cache, spec, owner, store_paths, files, base, reuse or {})
     try:
         with tempfile.TemporaryDirectory(prefix="fastlayer-stage-") as staging_dir:
             staging = Path(staging_dir)
@@ -302,7 +367,8 @@ def build_into(
             with sink_for(mtime) as sink:
                 infos: list[LayerInfo] = []
                 for k, (source, paths, comment) in enumerate(
-                    _sources(spec, base, store_paths, owner, custom, files), start=1
+                    _sources(spec, base, store_paths, owner, custom, files, sink, recipes),
+                    start=1,
                 ):
                     w = sink.add_layer(bar.wrap(source, k), comment)
                     infos.append(LayerInfo(w.diff_id, w.size, w.digest, paths, comment))
@@ -310,11 +376,19 @@ def build_into(
                 # a derived tag comes from the config, so only now is it known
                 final_tag = tag or spec.tag or derive_tag(config)
                 record = sink.finish(config, [f"{name}:{final_tag}"])
+            recipes.record(record.layers)
+    except CacheMismatch as e:
+        recipes.forget(e.expected)
+        raise
     finally:
         bar.close()
-    return BuildResult(
+    result = BuildResult(
         name, final_tag, record.config_digest, record.manifest_digest, config, infos, plan, record
     )
+    result.reused, result.read_bytes = recipes.reused, recipes.read_bytes
+    result.copied = sum(x is not None for x in recipes.copied)
+    result.layer_keys = [None] * n_base + recipes.keys + [None]  # per layer, image order
+    return result
 
 
 def stream(spec: Spec | dict[str, Any] | str, **kw: Any) -> BuildResult:
@@ -329,20 +403,146 @@ def _sources(
     owner: Owner,
     custom: Any,
     files: list[explicit.FileLayer],
+    sink: ImageSink,
+    recipes: Recipes,
 ) -> Iterator[tuple[LayerSource, list[str], str]]:
+    """Every layer's source in image order. A layer the cache knows and the sink
+    holds already (sink.skips) is never walked nor read; the others go through
+    one pipeline, carrying what the cache knows of them."""
     if base is not None:
-        for layer in base.layers:
-            yield ReaderSource(layer, spec.verify_base), [], f"base layer {layer.comment}"
+        for i, layer in enumerate(base.layers):
+            verify = spec.verify_base and not recipes.verified(i)
+            yield ReaderSource(layer, verify), [], f"base layer {layer.comment}"
     makers = [
         functools.partial(store_layer, paths, owner, spec.store_root) for paths in store_paths
     ]
     makers += [functools.partial(f.stream, spec, owner) for f in files]  # same single pass
     kinds = [(paths, f"store paths: {paths}") for paths in store_paths]
     kinds += [([], f.comment) for f in files]
-    with Pipeline(makers) as pipeline:
-        for (paths, comment), source in zip(kinds, pipeline.sources(), strict=True):
+    skips = getattr(sink, "skips", None)
+    held = [k is not None and skips is not None and skips(k) for k in recipes.known]
+    recipes.reused += sum(held)
+    produce = [not h and c is None for h, c in zip(held, recipes.copied, strict=True)]
+    with Pipeline([m for m, p in zip(makers, produce, strict=True) if p]) as pipeline:
+        piped = pipeline.sources()
+        for i, ((paths, comment), known, h) in enumerate(
+            zip(kinds, recipes.known, held, strict=True)
+        ):
+            if h:
+                yield KnownOnly(known), paths, comment
+                continue
+            if recipes.copied[i] is not None:
+                yield ReaderSource(recipes.copied[i]), paths, comment
+                continue
+            source = next(piped)
+            source.known = known  # type: ignore[attr-defined]
+            recipes.read_bytes += source.size or 0
             yield source, paths, comment
     yield StreamSource(custom), [], "customisation layer"
+
+
+def region_reader(path: str, offset: int, size: int) -> Callable[[], Any]:
+    """An opener of size bytes at offset in path (for sinks that read, not copy)."""
+
+    return functools.partial(_Slice, path, offset, size)
+
+
+class _Slice:
+    """A reader of one region of a file."""
+
+    def __init__(self, path: str, offset: int, size: int):
+        self.f = open(path, "rb")  # noqa: SIM115 (closed by the reader's user)
+        self.f.seek(offset)
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.f.read(n)
+        self.left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> _Slice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Recipes:
+    """The cache's side of one build: each layer's recipe key and what the cache
+    knows of it, and afterwards what the sink wrote, recorded under those keys."""
+
+    def __init__(
+        self, cache: LayerCache | None, spec: Spec, owner: Owner,
+        store_paths: list[list[str]], files: list[explicit.FileLayer], base: Image | None,
+        reuse: dict[str, tuple[str, int, int, str]],
+    ):  # fmt: skip
+        self.cache = cache
+        self.reused = 0  # layers the sink already held: never read
+        self.read_bytes = 0  # bytes of the layers produced from disk
+        self.base = base.layers if base is not None else []
+        n = len(store_paths) + len(files)
+        self.keys: list[str | None] = [None] * n
+        self.known: list[Known | None] = [None] * n
+        self.base_keys: list[str | None] = [None] * len(self.base)
+        self.copied: list[Layer | None] = [None] * n  # layers copied from this run's files
+        if cache is None and not reuse:
+            return
+        from fastlayer.cache.keys import base_region_key, file_layer_key, store_layer_key
+
+        self.keys = [store_layer_key(p, owner, spec.store_root) for p in store_paths]
+        self.keys += [file_layer_key(f.lead_dirs, f.roots, owner, spec.permissions) for f in files]
+        for i, key in enumerate(self.keys):
+            if key in reuse:
+                path, offset, size, diff_id = reuse[key]
+                self.copied[i] = Layer(diff_id, region_reader(path, offset, size), size,
+                                       f"copied from {path}", (path, offset))  # fmt: skip
+        if cache is None:
+            return
+        for i, key in enumerate(self.keys):
+            entry = cache.get(key) if key else None
+            if entry is not None:
+                self.known[i] = Known(entry.diff_id, entry.size, entry.blobs)
+        if spec.verify_base:
+            for i, layer in enumerate(self.base):
+                if layer.region is not None and layer.size is not None:
+                    path, offset = layer.region
+                    self.base_keys[i] = base_region_key(path, offset, layer.size, layer.diff_id)
+
+    def verified(self, i: int) -> bool:
+        """Whether base layer i was verified by an earlier build, its file unchanged."""
+        key = self.base_keys[i]
+        if key is None or self.cache is None:
+            return False
+        entry = self.cache.get(key)
+        layer = self.base[i]
+        return entry is not None and (entry.diff_id, entry.size) == (layer.diff_id, layer.size)
+
+    def record(self, written: list[WrittenLayer]) -> None:
+        """What the sink wrote, under each layer's key (a build that failed records nothing)."""
+        if self.cache is None:
+            return
+        from fastlayer.cache import Entry
+        from fastlayer.sinks.compress import blob_kind
+
+        for key, layer in zip(self.base_keys, self.base, strict=True):
+            if key is not None:
+                self.cache.put(key, Entry(layer.diff_id, layer.size or 0))
+        n_base = len(self.base)
+        for key, w in zip(self.keys, written[n_base : n_base + len(self.keys)], strict=False):
+            if key is None:
+                continue
+            blobs = {blob_kind(compression_of(w.media_type)): (w.digest, w.blob_size)}
+            self.cache.put(key, Entry(w.diff_id, w.size, blobs if w.digest else {}))
+
+    def forget(self, diff_id: str) -> None:
+        """Drop the entries that named diff_id: their recipe gave other bytes."""
+        for key, known in zip(self.keys, self.known, strict=True):
+            if key and known is not None and known.diff_id == diff_id and self.cache:
+                self.cache.drop(key, f"its recipe no longer gives {diff_id}")
 
 
 def _image_config(

@@ -30,6 +30,7 @@ COMMANDS = {
     "graph": "graph",
     "pull": "pull",
     "push": "push",
+    "cache": "cache",
 }
 
 

@@ -22,7 +22,7 @@ from pathlib import PurePosixPath
 from fastlayer import untrusted
 from fastlayer._native.tarstream import LayerSourceError, LayerStream
 from fastlayer.errors import DigestMismatch, FastlayerError
-from fastlayer.model import Layer, LayerSource
+from fastlayer.model import Known, Layer, LayerSource
 
 BUFSIZE = 1 << 19
 NBUF = 16
@@ -324,6 +324,18 @@ class StreamSource:
 
     def pump(self, write: Callable[[memoryview], object]) -> str:
         return pump(self.stream, write)
+
+
+class KnownOnly:
+    """A layer the sink holds already (sink.skips said so for this hint): it is
+    never produced, so asking for its bytes is a bug."""
+
+    def __init__(self, known: Known):
+        self.known = known
+        self.size: int | None = known.size
+
+    def pump(self, write: Callable[[memoryview], object]) -> str:
+        raise AssertionError("a layer the sink holds was asked for its bytes")
 
 
 class ReaderSource:

@@ -52,11 +52,30 @@ class Image:
         return [layer.diff_id for layer in self.layers]
 
 
+@dataclass(frozen=True)
+class Known:
+    """What a layer cache says a layer holds, before any byte is produced: a hint
+    a sink may act on only where it checks it (see fastlayer.cache)."""
+
+    diff_id: str  # "sha256:<hex>" of the uncompressed tar
+    size: int
+    blobs: dict[str, tuple[str, int]] = field(default_factory=dict)  # blob kind -> digest, size
+
+
+def compression_of(media_type: str) -> str:
+    """ "gzip", "zstd" or "none": how a layer blob of media_type is compressed."""
+    for kind in ("gzip", "zstd"):
+        if media_type.endswith(kind):
+            return kind
+    return "none"
+
+
 class LayerSource(Protocol):
     """What a sink consumes: a layer's uncompressed tar, produced exactly once.
 
     size is the exact byte count when known before producing (a walked
-    store layer), else None (a decompressed base layer)."""
+    store layer), else None (a decompressed base layer). known, when a
+    source has it, is what a cache says the bytes will be (model.Known)."""
 
     size: int | None
 
@@ -74,3 +93,7 @@ class WrittenLayer:
     digest: str  # "sha256:<hex>" of the blob as stored (== diff_id when uncompressed)
     blob_size: int
     media_type: str = MT_OCI_LAYER
+    # where the uncompressed bytes start in the output file, when they lie there
+    # as they are (an uncompressed archive on a regular file): a batch copies
+    # them from there into the next image that has the layer
+    offset: int | None = None

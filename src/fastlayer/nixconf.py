@@ -14,17 +14,21 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastlayer import untrusted as u
+from fastlayer.cache.store import Entry
 from fastlayer.emit import Owner, Pipeline, ReaderSource, store_layer
-from fastlayer.errors import DigestMismatch, FastlayerError
-from fastlayer.model import Image
+from fastlayer.errors import CacheMismatch, DigestMismatch, FastlayerError
+from fastlayer.model import Image, Known
 from fastlayer.sinks.docker_archive import DockerArchiveWriter
 from fastlayer.sources import schema
 from fastlayer.sources.base_archive import BaseArchive, open_base_archive
 from fastlayer.sources.base_image import Guarded, HashingReader, open_image
 from fastlayer.untrusted import Invalid, short
+
+if TYPE_CHECKING:
+    from fastlayer.cache import LayerCache
 
 REQUIRED = (
     "architecture", "config", "store_dir", "from_image", "store_layers",
@@ -195,8 +199,11 @@ def stream_conf(
     repo_tag: str | None = None,
     root: str | None = None,
     log: Any = None,
+    cache: LayerCache | None = None,
 ) -> list[str]:
-    """Write the image for conf to out_fd; returns the layer diff_ids (hex)."""
+    """Write the image for conf to out_fd; returns the layer diff_ids (hex).
+
+    cache: a layer cache, whose known layers stream to a pipe without a spool."""
     _check_paths(conf, root)
     checksum_file = _on_disk(os.path.join(conf.customisation_layer, "checksum"), root)
     with u.open_regular(checksum_file, "customisation layer checksum") as f:
@@ -210,12 +217,26 @@ def stream_conf(
 
     out = DockerArchiveWriter(out_fd)
     try:
-        layers = _write_image(conf, out, base, custom_checksum, repo_tag, root, log)
+        layers = _write_image(conf, out, base, custom_checksum, repo_tag, root, log, cache)
     except BaseException:
         out.abort()
         raise
     out.close()
     return [x.checksum for x in layers]
+
+
+def _cached(
+    cache: LayerCache | None, conf: NixConf, root: str | None
+) -> tuple[list[str | None], list[Known | None]]:
+    """Each store layer's recipe key and what the layer cache knows of it."""
+    n = len(conf.store_layers)
+    if cache is None:
+        return [None] * n, [None] * n
+    from fastlayer.cache.keys import store_layer_key
+
+    keys = [store_layer_key(paths, conf.owner, root) for paths in conf.store_layers]
+    entries = [cache.get(k) if k else None for k in keys]
+    return keys, [Known(e.diff_id, e.size, e.blobs) if e else None for e in entries]
 
 
 def _write_image(
@@ -226,6 +247,7 @@ def _write_image(
     repo_tag: str | None,
     root: str | None,
     log: Any,
+    cache: LayerCache | None = None,
 ) -> list[_Layer]:
     mtime = conf.owner.mtime
     layers: list[_Layer] = []
@@ -251,14 +273,22 @@ def _write_image(
     makers = [
         functools.partial(store_layer, paths, conf.owner, root) for paths in conf.store_layers
     ]
+    keys, known = _cached(cache, conf, root)
+    n_base = len(layers)
     with Pipeline(makers) as pipeline:
         sources = pipeline.sources()
-        for n, (paths, source) in enumerate(
-            zip(conf.store_layers, sources, strict=True), start=len(layers) + 1
-        ):
+        for i, (paths, source) in enumerate(zip(conf.store_layers, sources, strict=True)):
             if log:
-                log(f"layer {n}: {len(paths)} store path(s), {source.size} bytes")
-            digest = out.add_layer(source, mtime)
+                log(f"layer {n_base + i + 1}: {len(paths)} store path(s), {source.size} bytes")
+            source.known = known[i]  # type: ignore[attr-defined]  # then a pipe needs no spool
+            try:
+                digest = out.add_layer(source, mtime)
+            except CacheMismatch as e:
+                if cache is not None and keys[i]:
+                    cache.drop(keys[i], f"its recipe no longer gives {e.expected}")
+                raise
+            if cache is not None and keys[i]:
+                cache.put(keys[i], Entry(f"sha256:{digest}", source.size or 0))
             layers.append(_Layer(digest, f"{digest}/layer.tar", paths))
     path = f"{custom_checksum}/layer.tar"
     out.add_file(path, _on_disk(os.path.join(conf.customisation_layer, "layer.tar"), root), mtime)

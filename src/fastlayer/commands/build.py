@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from fastlayer.commands.cache import add_cache_flags, cache_choice
 from fastlayer.errors import FastlayerError
 from fastlayer.sinks import FORMATS
 
@@ -16,13 +17,30 @@ SUFFIX_FOR = {"gzip": "*.tar.gz", "zstd": "*.tar.zst"}
 
 def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("build", help="build an image from a spec (TOML or JSON) into a file")
-    b.add_argument("spec", help="the image spec, .toml or .json")
+    b.add_argument(
+        "spec",
+        nargs="+",
+        help="the image spec, .toml or .json; several: a batch, planned together, "
+        "each image written into the -o directory",
+    )
     b.add_argument(
         "-o",
         "--output",
         required=True,
         help="the image file (replaced whole when done; a symlink: the file it names), "
-        "a fifo or character device to stream into, '-' for stdout, or an OCI directory",
+        "a fifo or character device to stream into, '-' for stdout, or an OCI directory; "
+        "with several specs, a directory: DIR/<spec name>.tar each, or for --format "
+        "oci-dir one layout holding them all",
+    )
+    b.add_argument(
+        "-j", "--jobs", type=int, default=2, help="a batch's images built at once (default 2)"
+    )
+    b.add_argument(
+        "--strategy",
+        default="shared",
+        help="a batch's plan for specs on the default strategy: shared (default: "
+        "layers shared by several images apart from each image's own) or any strategy, "
+        "each image alone",
     )
     b.add_argument("--format", choices=FORMATS, default="docker-archive")
     b.add_argument(
@@ -44,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metadata", help="write name, tag, image ID and layers as JSON here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    add_cache_flags(p)
 
 
 def compression_for(output: str, given: str | None, spec: str, format: str, where: str) -> str:
@@ -74,6 +93,9 @@ def run_build(args: argparse.Namespace) -> int:
     from fastlayer.sinks.output import is_stdout
     from fastlayer.spec import load_spec
 
+    if len(args.spec) > 1:
+        return run_batch(args)
+    args.spec = args.spec[0]
     spec = load_spec(args.spec)
     _check_metadata(args.metadata, args.output)
     where = f"spec {args.spec}"
@@ -86,9 +108,41 @@ def run_build(args: argparse.Namespace) -> int:
         format=args.format,
         compress=compress,
         progress=not args.quiet and sys.stderr.isatty(),
+        cache=cache_choice(args),
     )
     _report(args, result)
     return 0
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """Several specs: every image into the -o directory; a bad spec does not stop
+    the others, it makes the exit status 1."""
+    from fastlayer.batch import build_many
+    from fastlayer.sinks.output import is_stdout
+
+    if is_stdout(args.output):
+        raise FastlayerError("a batch (several specs) needs -o DIRECTORY, not stdout")
+    if os.path.lexists(args.output) and not os.path.isdir(args.output):
+        raise FastlayerError(f"-o {args.output}: a batch writes into a directory; this is not one")
+    if args.metadata:
+        raise FastlayerError("--metadata takes one spec; a batch prints a line per image")
+    result = build_many(
+        args.spec, args.output, format=args.format, compress=args.compress,
+        cache=cache_choice(args), jobs=args.jobs, strategy=args.strategy,
+        on_done=lambda item: _report_item(item, args.quiet),
+    )  # fmt: skip
+    print(f"fastlayer: {result.summary()}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def _report_item(item, quiet: bool) -> None:
+    from fastlayer.cli import one_line
+
+    if item.error is not None:
+        print(f"fastlayer: error: {one_line(item.source)}: {one_line(item.error)}", file=sys.stderr)
+    elif not quiet:
+        r = item.result
+        print(f"{item.source}: {r.name}:{r.tag} -> {item.output}", file=sys.stderr)
 
 
 def run_stream(args: argparse.Namespace) -> int:
@@ -97,7 +151,9 @@ def run_stream(args: argparse.Namespace) -> int:
     if sys.stdout.isatty():
         raise FastlayerError("refusing to write an image to a terminal; pipe it or use build -o")
     _check_metadata(args.metadata, None)
-    result = stream(args.spec, progress=not args.quiet and sys.stderr.isatty())
+    result = stream(
+        args.spec, progress=not args.quiet and sys.stderr.isatty(), cache=cache_choice(args)
+    )
     _report(args, result)
     return 0
 

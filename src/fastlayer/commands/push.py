@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 
+from fastlayer.commands.cache import add_cache_flags, cache_choice
 from fastlayer.commands.pull import add_deadlines
 
 
@@ -15,9 +16,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "push", help="build SPEC (or take IMAGE) and push it, uploading only missing blobs"
     )
     p.add_argument(
-        "source", help="a spec (.toml/.json), or an image: docker-archive, OCI dir/archive"
+        "source",
+        nargs="+",
+        help="a spec (.toml/.json), or an image: docker-archive, OCI dir/archive; several "
+        "specs: a batch, each image pushed to PREFIX/<last part of its name>:<tag>",
     )
-    p.add_argument("destination", help="docker://REGISTRY/NAME[:TAG]")
+    p.add_argument(
+        "destination", help="docker://REGISTRY/NAME[:TAG] (a batch: docker://REG/PREFIX)"
+    )
     p.add_argument(
         "--compress", choices=("gzip", "zstd", "none"),
         help="layer compression for new blobs (default gzip)",
@@ -27,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-j", "--jobs", type=int, default=3, help="parallel uploads (default 3)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     add_deadlines(p, "push")
+    add_cache_flags(p)
     p.set_defaults(func=run)
 
 
@@ -45,8 +52,14 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         stall=args.stall_timeout or None,
     )
+    if len(args.source) > 1:
+        return run_batch(args, common)
+    args.source = args.source[0]
     if is_spec(args.source):
-        result = push_spec(args.source, args.destination, compress=args.compress, **common)
+        result = push_spec(
+            args.source, args.destination, compress=args.compress, cache=cache_choice(args),
+            **common,
+        )  # fmt: skip
     else:
         result = push_image(
             args.source, args.destination, image_tag=args.image_tag,
@@ -57,3 +70,32 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
     print(result.digest)
     return 0
+
+
+def run_batch(args: argparse.Namespace, common: dict) -> int:
+    """Several specs, each to PREFIX/<name>:<tag>; a failure does not stop the others."""
+    from fastlayer.batch import push_many
+    from fastlayer.cli import one_line
+    from fastlayer.errors import FastlayerError
+
+    images = [s for s in args.source if not is_spec(s)]
+    if images:
+        raise FastlayerError(f"a batch push takes specs (.toml/.json), not {images[0]}")
+    if args.image_tag:
+        raise FastlayerError("--image-tag picks one image of an archive; a batch takes specs")
+
+    def done(item) -> None:
+        if item.error is not None:
+            print(f"fastlayer: error: {one_line(item.source)}: {one_line(item.error)}",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            print(item.output)
+
+    common["progress"] = False  # two pushes at once: per-image lines instead of bars
+    result = push_many(
+        args.source, args.destination, compress=args.compress, cache=cache_choice(args),
+        jobs=2, on_done=done, **common,
+    )  # fmt: skip
+    if not args.quiet:
+        print(f"fastlayer: {result.summary()}", file=sys.stderr)
+    return 1 if result.failed else 0

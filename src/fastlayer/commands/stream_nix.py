@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastlayer.commands.cache import add_cache_flags, cache_choice
 from fastlayer.nixconf import load_conf, stream_conf
 from fastlayer.sinks.output import output_fd
 
@@ -38,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="progress lines even when stderr is no terminal",
     )
+    add_cache_flags(p)
     p.set_defaults(func=run)
 
 
@@ -49,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         from fastlayer.errors import FastlayerError
 
         raise FastlayerError("refusing to write an image to a terminal; use -o FILE or a pipe")
+    from fastlayer.builder import layer_cache
+
+    cache = layer_cache(cache_choice(args))
     with output_fd(args.output) as fd:
-        stream_conf(conf, fd, repo_tag=args.repo_tag, root=args.root, log=log)
+        stream_conf(conf, fd, repo_tag=args.repo_tag, root=args.root, log=log, cache=cache)
     return 0

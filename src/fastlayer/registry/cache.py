@@ -1,6 +1,7 @@
 """What we know a registry holds, so a re-push can HEAD before compressing.
 
-`$XDG_CACHE_HOME/fastlayer/registry-blobs.json` (default `~/.cache/...`):
+`registry-blobs.json` in the cache directory (`$FASTLAYER_CACHE`, else
+`$XDG_CACHE_HOME/fastlayer`, else `~/.cache/fastlayer`):
 
     {"REGISTRY": {"layers": {"gzip:sha256:<diff_id>": {"digest", "size", "mediaType"}},
                   "repos": {"sha256:<blob>": ["team/app", ...]}}}
@@ -56,8 +57,9 @@ class Blob:
 
 
 def cache_path() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "fastlayer", "registry-blobs.json")
+    from fastlayer.cache import default_root
+
+    return os.path.join(default_root(), "registry-blobs.json")
 
 
 class BlobCache:

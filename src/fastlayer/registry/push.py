@@ -45,6 +45,7 @@ from fastlayer.model import (
     MT_OCI_LAYER_GZIP,
     MT_OCI_LAYER_ZSTD,
     MT_OCI_MANIFEST,
+    Known,
     LayerSource,
     WrittenLayer,
 )
@@ -53,7 +54,7 @@ from fastlayer.registry.client import DEADLINE, STALL, Registry
 from fastlayer.registry.pull import TO_OCI, kind_of
 from fastlayer.registry.reference import Reference, parse_reference
 from fastlayer.sinks.base import ImageRecord, config_bytes
-from fastlayer.sinks.compress import compressor, pump_compressed
+from fastlayer.sinks.compress import blob_kind, compressor, pump_compressed
 from fastlayer.sinks.spool import HashingSpool, Spool
 
 LAYER_TYPES = {"none": MT_OCI_LAYER, "gzip": MT_OCI_LAYER_GZIP, "zstd": MT_OCI_LAYER_ZSTD}
@@ -92,6 +93,7 @@ class PushResult:
     config_digest: str
     layers: list[WrittenLayer]
     stats: PushStats = field(default_factory=PushStats)
+    build: Any = None  # the builder's BuildResult, for a pushed spec
 
 
 class Body:
@@ -176,6 +178,7 @@ class RegistrySink:
         self._slots = threading.BoundedSemaphore(workers + 1)  # spools in flight
         self._futures: list[Future] = []
         self._lock = threading.Lock()
+        self._held: dict[str, Blob] = {}  # diff_id -> blob the repository has (skips)
         self._bar = _bar() if progress else None
         # Compress as produced when the cache knows nothing of this repository (a first
         # push: few hits expected); else spool first, so a cache hit skips compression.
@@ -183,9 +186,23 @@ class RegistrySink:
 
     # -- layers -----------------------------------------------------------------------
 
+    def skips(self, known: Known) -> bool:
+        """Whether the repository has (or can mount) this layer's blob, named by the
+        hint or by the blob cache: then add_layer of a source with it reads nothing."""
+        hint = known.blobs.get(blob_kind(self.kind))
+        blob = self._reuse(known.diff_id, Blob(*hint, LAYER_TYPES[self.kind]) if hint else None)
+        if blob is None:
+            return False
+        self._held[known.diff_id] = blob
+        return True
+
     def add_layer(self, source: LayerSource, comment: str = "") -> WrittenLayer:
         self._raise_failed()
         self.stats.layers += 1
+        known = getattr(source, "known", None)
+        if known is not None and known.diff_id in self._held:
+            self._count(unread=1)
+            return self._written(known.diff_id, known.size, self._held[known.diff_id])
         if isinstance(source, ReaderSource):  # diff_id known before reading
             blob = self._reuse(source.layer.diff_id)
             if blob is not None:
@@ -244,16 +261,18 @@ class RegistrySink:
         self.layers.append(w)
         return w
 
-    def _reuse(self, diff_id: str) -> Blob | None:
-        """The cached blob of diff_id if this repository has it or can mount it."""
-        blob = self.cache.layer(diff_id, self.kind)
-        if blob is None:
-            return None
-        blob = Blob(blob.digest, blob.size, TO_OCI.get(blob.media_type, blob.media_type))
-        if self._present(blob):
-            self._count(present=1)
-        elif self._mount(blob) == "":
-            self._count(mounted=1)
+    def _reuse(self, diff_id: str, hint: Blob | None = None) -> Blob | None:
+        """The blob of diff_id (hint, else the blob cache's) if this repository has
+        it or can mount it."""
+        for blob in dict.fromkeys(x for x in (hint, self.cache.layer(diff_id, self.kind)) if x):
+            blob = Blob(blob.digest, blob.size, TO_OCI.get(blob.media_type, blob.media_type))
+            if self._present(blob):
+                self._count(present=1)
+            elif self._mount(blob) == "":
+                self._count(mounted=1)
+            else:
+                continue
+            break
         else:
             return None
         self.cache.remember(self.repo, blob, diff_id, self.kind)
@@ -574,9 +593,11 @@ def _config_raw(files: Any, image: Any) -> bytes:
 def push_spec(
     spec: Any, dest_text: str, *, compress: str | None = None, insecure: bool = False,
     workers: int = WORKERS, progress: bool = False, timeout: float | None = DEADLINE,
-    stall: float | None = STALL,
+    stall: float | None = STALL, cache: Any = None, plan: Any = None, inputs: Any = None,
 ) -> PushResult:  # fmt: skip
-    """Build spec's image straight into the registry (the builder, with our sink)."""
+    """Build spec's image straight into the registry (the builder, with our sink).
+
+    cache, plan, inputs: as for builder.build_into."""
     from fastlayer.builder import build_into
     from fastlayer.spec import load_spec
 
@@ -588,12 +609,18 @@ def push_spec(
     reg = _registry(dest, insecure, workers, timeout, stall)
     sink = RegistrySink(reg, dest.repository, kind, workers, progress)
 
+    built: list = []
+
     def body() -> tuple[ImageRecord, str]:
-        built = build_into(spec, lambda _mtime: contextlib.nullcontext(sink), name=dest.name,
-                           tag=dest.tag)  # fmt: skip
-        return built.record, built.tag
+        built.append(build_into(
+            spec, lambda _mtime: contextlib.nullcontext(sink), name=dest.name, tag=dest.tag,
+            cache=cache, plan=plan, inputs=inputs,
+        ))  # fmt: skip
+        return built[0].record, built[0].tag
 
     try:
-        return _run(dest, sink, body)
+        result = _run(dest, sink, body)
     finally:
         reg.close()
+    result.build = built[0]
+    return result

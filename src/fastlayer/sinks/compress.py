@@ -30,6 +30,21 @@ GZIP_LEVEL = 2  # ISA-L 0..3 (2: its default); ratio of pigz -1, far faster (RES
 ZSTD_LEVEL = 3  # zstd's own default
 
 
+def blob_kind(kind: str) -> str:
+    """kind with what fixes its bytes (level, encoder version): a blob digest
+    recorded under one blob kind is what compressing the same layer gives again."""
+    if kind == "gzip":
+        from isal import __version__ as isal_version
+
+        return f"gzip/{GZIP_LEVEL}-isal-{isal_version}-{GZIP_BLOCK}"
+    if kind == "zstd":
+        import zstandard
+
+        version = ".".join(map(str, zstandard.ZSTD_VERSION))
+        return f"zstd/{ZSTD_LEVEL}-libzstd-{version}"
+    return "none/1"
+
+
 def cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -18,8 +18,8 @@ from typing import BinaryIO
 
 from fastlayer._native.tarstream import LayerStream, pack_header
 from fastlayer.emit import StreamSource
-from fastlayer.errors import FastlayerError
-from fastlayer.model import LayerSource
+from fastlayer.errors import CacheMismatch, FastlayerError
+from fastlayer.model import Known, LayerSource
 from fastlayer.sinks.spool import OrderedWriter, Spool, SpoolPool
 
 BLOCK = 512
@@ -43,6 +43,7 @@ class DockerArchiveWriter:
         # where the archive starts in the file, for writing headers back
         self.base = os.lseek(fd, 0, os.SEEK_CUR) if self.seekable else 0
         self.spool_dir = spool_dir
+        self.last_offset: int | None = None  # of the last layer's bytes, when on a file
         self._ordered = None if self.seekable else OrderedWriter(fd)
         # sendfile into a pipe passes page references, not copies: a spool's pages
         # may still sit in the pipe after it returns, so spools are never reused there
@@ -104,10 +105,12 @@ class DockerArchiveWriter:
         With a known size on a seekable output the header's place is
         reserved and written back; otherwise the bytes wait in a spool."""
         size = source.size
+        self.last_offset = None
         if self.seekable and size is not None:
             start = self.offset
             hdr_len = len(self._layer_header(_PLACEHOLDER_NAME, size, mtime))
             self.write(b"\0" * hdr_len)
+            self.last_offset = self.base + self.offset  # where the layer's bytes begin
             if getattr(source, "region", None) is not None:
                 # bytes that lie as they are in a file: the kernel copies them
                 digest = source.copy_to(self.fd, self.base + self.offset)  # type: ignore[attr-defined]
@@ -126,6 +129,9 @@ class DockerArchiveWriter:
                 )
             os.pwrite(self.fd, header, self.base + start)
             return digest, size
+        known = getattr(source, "known", None)
+        if known is not None and size == known.size:
+            return self._add_known(source, known, mtime, name_of), size
         spool = self._spools.get(size)
         try:
             digest = source.pump(spool.write)
@@ -135,6 +141,22 @@ class DockerArchiveWriter:
         size = spool.size
         self.add_spool(name_of(digest), spool, mtime)
         return digest, size
+
+    def _add_known(
+        self, source: LayerSource, known: Known, mtime: int, name_of: Callable[[str], str]
+    ) -> str:
+        """A layer whose diff_id a cache gave: named before its bytes, so streamed
+        without a spool, and hashed as it goes; other bytes abort the archive."""
+        claimed = known.diff_id.removeprefix("sha256:")
+        self.write(self._layer_header(name_of(claimed).encode(), known.size, mtime))
+        start = self.offset
+        got = source.pump(self.write)
+        if self.offset - start != known.size:
+            raise OSError(f"layer produced {self.offset - start} bytes, not {known.size}")
+        if got != claimed:
+            raise CacheMismatch(known.diff_id, f"sha256:{got}")
+        self.write(_pad(known.size))
+        return claimed
 
     def _emit_spool(self, spool: Spool) -> None:
         size = spool.size

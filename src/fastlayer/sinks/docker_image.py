@@ -53,6 +53,7 @@ class DockerArchiveSink(Finishing):
         )
         self.chain.append(chain_id(parent, hexd))
         layer = WrittenLayer(f"sha256:{hexd}", size, f"sha256:{hexd}", size, MT_DOCKER_LAYER)
+        layer.offset = self.writer.last_offset  # None unless on a regular file, uncompressed
         self.layers.append(layer)
         return layer
 

@@ -36,11 +36,12 @@ from fastlayer.model import (
     MT_OCI_LAYER_ZSTD,
     MT_OCI_MANIFEST,
     OCI_LAYOUT_VERSION,
+    Known,
     LayerSource,
     WrittenLayer,
 )
 from fastlayer.sinks.base import Finishing, ImageRecord, config_bytes, full_tags, split_ref
-from fastlayer.sinks.compress import FdWriter, pump_compressed
+from fastlayer.sinks.compress import FdWriter, blob_kind, pump_compressed
 from fastlayer.sinks.docker_archive import DockerArchiveWriter
 from fastlayer.sinks.output import output_fd
 from fastlayer.sinks.spool import HashingSpool, Spool
@@ -120,6 +121,7 @@ class OciDirSink(_OciImage):
         self.root = root
         self.blobs = os.path.join(root, "blobs", "sha256")
         self.created: list[str] = []  # what abort() removes from an existing layout
+        self._held: dict[str, tuple[str, int]] = {}  # diff_id -> blob found (skips)
         self.old_index: bytes | None = None  # index.json as last read
         self.index_touched = False  # put_index may have replaced index.json
         for d in (os.path.join(root, "blobs"), self.blobs):
@@ -173,7 +175,31 @@ class OciDirSink(_OciImage):
                 os.unlink(tmp)
             raise
 
+    def skips(self, known: Known) -> bool:
+        """Whether the layout holds the blob a cache names for this layer already
+        (then add_layer of a source with that hint reads nothing)."""
+        blob = known.blobs.get(blob_kind(self.kind))
+        if blob is None:
+            return False
+        path = os.path.join(self.blobs, blob[0].removeprefix("sha256:"))
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != blob[1]:
+            return False
+        self._held[known.diff_id] = blob
+        return True
+
     def add_layer(self, source: LayerSource, comment: str = "") -> WrittenLayer:
+        known = getattr(source, "known", None)
+        if known is not None and known.diff_id in self._held:
+            digest, blob_size = self._held[known.diff_id]
+            layer = WrittenLayer(
+                known.diff_id, known.size, digest, blob_size, LAYER_TYPES[self.kind]
+            )
+            self.layers.append(layer)
+            return layer
         (hexd, size), w = self._write_new(None, lambda w: pump_compressed(source, self.kind, w))
         assert w.sha256 is not None
         layer = WrittenLayer(

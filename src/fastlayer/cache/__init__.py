@@ -1,0 +1,40 @@
+"""The layer cache: what a layer recipe produced last time (between plan and emit).
+
+A layer's bytes are a pure function of its recipe (keys.py): for store
+paths, their names (Nix makes them content addresses) and an lstat of each
+path's root; for other files, a stat fingerprint of every entry. The cache
+(store.py) maps a recipe key to the layer's diff_id and size, and per
+compression to its blob digest and size. The builder asks it which layers
+are known and hands sinks a `model.Known` hint; sinks never see the cache.
+
+A hint is only trusted where it is checked or harmless: a layer streamed
+under a known name is hashed as it goes and a mismatch aborts the build
+(and drops the entry); a blob skipped because the registry or the layout
+already holds it is the very blob the key named. See README, "Layer cache".
+"""
+
+from __future__ import annotations
+
+import os
+
+from fastlayer.cache.store import Entry, LayerCache
+
+__all__ = ["Entry", "LayerCache", "default_root", "open_cache"]
+
+
+def default_root() -> str:
+    """$FASTLAYER_CACHE, else $XDG_CACHE_HOME/fastlayer, else ~/.cache/fastlayer."""
+    given = os.environ.get("FASTLAYER_CACHE")
+    if given:
+        return given
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fastlayer")
+
+
+def open_cache(where: str | bool | None = None) -> LayerCache | None:
+    """The cache at where (a directory), at default_root() for None or True,
+    or none at all for False (--no-cache)."""
+    if where is False:
+        return None
+    root = default_root() if where in (None, True) else str(where)
+    return LayerCache(root)
