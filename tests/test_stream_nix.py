@@ -262,13 +262,15 @@ def test_appending_stdout_and_full_disk(tmp_path, conf):
     assert r.stderr.decode() == "fastlayer: error: No space left on device\n"
 
 
-def test_disk_spool_gives_the_same_bytes(tmp_path, conf):
-    env = {**os.environ, "FASTLAYER_SPOOL_MEMORY": "0", "TMPDIR": str(tmp_path)}
+@pytest.mark.parametrize("memory", ["0", str(1 << 30)])
+def test_disk_and_memory_spools_give_the_same_bytes(tmp_path, conf, memory):
+    env = {**os.environ, "FASTLAYER_SPOOL_MEMORY": memory, "TMPDIR": str(tmp_path)}
     r = subprocess.run(
-        [sys.executable, "-m", "fastlayer", "stream-nix", str(write_conf(tmp_path, conf))],
+        [sys.executable, "-m", "fastlayer", "stream-nix", "--no-cache",
+         str(write_conf(tmp_path, conf))],
         capture_output=True,
         env=env,
-    )
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout == reference_image(copy.deepcopy(conf))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("fastlayer-spool")]
