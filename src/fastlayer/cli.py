@@ -30,6 +30,8 @@ COMMANDS = {
     "graph": "graph",
     "pull": "pull",
     "push": "push",
+    "nix-conf": "nix_conf",
+    "fake-nss": "nix_conf",
 }
 
 
