@@ -6,7 +6,8 @@
 # Needs no nixpkgs: every derivation is a plain `builtins.derivation` whose
 # builder is fastlayer itself (no shell), reading its arguments from
 # `.attrs.json` (structured attrs) and the closure from `exportReferencesGraph`.
-# With `pkgs`, `extraCommands` run with coreutils, findutils, gnused, gnugrep on PATH.
+# With `pkgs`, `extraCommands` run with coreutils, findutils, gnused, gnugrep on PATH;
+# without, with Nix's PATH (none): name tools by absolute path.
 # Argument table: README, section "From Nix".
 {
   fastlayer,
@@ -75,9 +76,11 @@ let
     in
     if bad != [ ] then throw "fastlayer ${fn}: ${(builtins.head bad).why}" else value;
 
-  extraPath =
+  # With pkgs, extraCommands and fakeRootCommands find the usual tools on PATH
+  # (structured attrs export no variables: the commands set it themselves).
+  toolsPath =
     if pkgs == null then
-      "/path-not-set"
+      null
     else
       concatStringsSep ":" (
         map (p: "${p}/bin") [
@@ -97,7 +100,6 @@ let
         inherit system;
         builder = exe;
         __structuredAttrs = true;
-        PATH = extraPath;
       }
       // attrs
     );
@@ -155,7 +157,13 @@ let
       gid = a.gid or 0;
       uname = a.uname or "root";
       gname = a.gname or "root";
-      extra_commands = if extra == "" then null else extra;
+      extra_commands =
+        if extra == "" then
+          null
+        else if toolsPath == null then
+          extra
+        else
+          "export PATH='${toolsPath}'\n${extra}";
       permissions = a.permissions or [ ];
     }
     // (if pipeline != null then { inherit pipeline; } else { }));
@@ -346,6 +354,10 @@ let
       finalImageTag = a.finalImageTag or "latest";
       safe = builtins.replaceStrings [ "/" ":" "@" ] [ "-" "-" "-" ];
       drv = run {
+        # exported variables: the registry blob cache goes to the build's own
+        # directory, not $HOME (/homeless-shelter must stay missing)
+        __structuredAttrs = false;
+        XDG_CACHE_HOME = ".cache";
         name = a.name or "docker-image-${safe (baseNameOf finalImageName)}-${safe finalImageTag}.tar";
         outputHashAlgo = "sha256";
         outputHashMode = "flat";
