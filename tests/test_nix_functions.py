@@ -13,6 +13,7 @@ registry holding the base image that `pullImage` pulls.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import shutil
@@ -33,7 +34,8 @@ pytestmark = pytest.mark.validators
 # Closures built with /bin/sh of this machine (sandbox off, as in test_nix_db.py).
 PRELUDE = r"""
 let
-  tools = import @REPO@/nix { fastlayer = @FASTLAYER@; };
+  toolsWith = pkgs: import @REPO@/nix { fastlayer = @FASTLAYER@; inherit pkgs; };
+  tools = toolsWith null;
   mk = name: script: builtins.derivation {
     inherit name;
     system = builtins.currentSystem;
@@ -42,7 +44,7 @@ let
   };
   bb = mk "fl13-busybox" ''
     /bin/mkdir -p $out/bin; /bin/cp /bin/busybox $out/bin/busybox
-    for a in sh cat ls; do /bin/ln -s busybox $out/bin/$a; done
+    for a in sh cat ls mkdir; do /bin/ln -s busybox $out/bin/$a; done
   '';
   greeting = mk "fl13-greeting"
     "/bin/mkdir -p $out/share; echo hello from nix > $out/share/greeting";
@@ -75,6 +77,10 @@ MAIN = r"""rec {
   built = tools.buildLayeredImage (app { fromImage = base; });
   oci = tools.buildLayeredImage (app { fromImage = base; format = "oci-archive"; });
   gz = tools.buildLayeredImage (app { fromImage = base; compressor = "gz"; });
+  ocidir = tools.buildLayeredImage (app { fromImage = base; format = "oci-dir"; });
+  # with pkgs, extraCommands find tools on PATH (busybox standing in for coreutils...)
+  withPkgs = (toolsWith { coreutils = bb; findutils = bb; gnused = bb; gnugrep = bb; })
+    .buildLayeredImage { name = "with-pkgs"; tag = "1"; extraCommands = "mkdir -p by-path"; };
   nixdb = tools.buildLayeredImage {
     name = "nixdb"; tag = "1"; contents = [ greeting ]; includeNixDB = true;
   };
@@ -163,7 +169,8 @@ def nix(tmp_path_factory, registry) -> Nix:
 
 @pytest.fixture(scope="module")
 def images(nix) -> dict[str, Path]:
-    attrs = ["base", "greeting", "root", "stream", "built", "oci", "gz", "nixdb", "single"]
+    attrs = ["base", "greeting", "root", "stream", "built", "oci", "gz", "ocidir", "withPkgs"]
+    attrs += ["nixdb", "single"]
     return nix.build(MAIN, [*attrs, "merged", "fakeNss"], "main")
 
 
@@ -256,10 +263,24 @@ def test_oci_archive_and_gzip_hold_the_same_layers(images, tmp_path):
         skopeo, "--policy", policy, "copy", "--quiet",
         f"oci-archive:{images['oci']}", f"dir:{tmp_path / 'dir'}",
     ])  # fmt: skip
-    manifest = json.loads((tmp_path / "dir" / "manifest.json").read_text())
-    config = json.loads((tmp_path / "dir" / manifest["config"]["digest"][7:]).read_text())
-    assert config["rootfs"]["diff_ids"] == want
+    validators.run_tool([
+        skopeo, "--policy", policy, "copy", "--quiet",
+        f"oci:{images['ocidir']}", f"dir:{tmp_path / 'dir2'}",
+    ])  # fmt: skip
+    for d in ("dir", "dir2"):
+        manifest = json.loads((tmp_path / d / "manifest.json").read_text())
+        config = json.loads((tmp_path / d / manifest["config"]["digest"][7:]).read_text())
+        assert config["rootfs"]["diff_ids"] == want
     assert images["gz"].read_bytes()[:2] == b"\x1f\x8b"
+    with gzip.open(images["gz"]) as f, tarfile.open(fileobj=f) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))
+    assert manifest[0]["RepoTags"] == archive(images["built"]).manifest[0]["RepoTags"]
+
+
+def test_extra_commands_use_the_tools_of_pkgs(images):
+    with_pkgs = archive(images["withPkgs"])
+    custom = layer_members(images["withPkgs"], with_pkgs.layer_names[-1])
+    assert custom["/by-path"].isdir()
 
 
 def test_include_nix_db_verifies_with_nix_store(images, tmp_path):
@@ -366,3 +387,37 @@ def test_bad_arguments_are_evaluation_errors(nix, call, message):
     proc = nix.eval(f"({call}).drvPath", "bad")
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "args", "message"),
+    [
+        ({"name": "a", "tag": "1", "os": "windows"}, [], "cannot express os"),
+        ({"name": "a"}, [], "has no tag and"),
+        ({"name": "a", "tag": "1"}, ["--script", "s"], "--script needs --fastlayer"),
+        ({"other": {"name": "a"}}, ["--key", "spec"], "no object under key 'spec'"),
+    ],
+)
+def test_nix_conf_refuses_in_one_line(tmp_path, capsys, spec, args, message):
+    from fastlayer.cli import main
+
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    out = tmp_path / "out"
+    assert main(["nix-conf", str(path), "-o", str(out), *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastlayer: error: ") and message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_fake_nss_and_nix_conf_never_write_into_an_existing_path(tmp_path, capsys):
+    from fastlayer.cli import main
+
+    (tmp_path / "spec.json").write_text('{"name": "a", "tag": "1"}')
+    for argv in (
+        ["fake-nss", str(tmp_path)],
+        ["nix-conf", str(tmp_path / "spec.json"), "-o", str(tmp_path)],
+    ):
+        assert main(argv) == 1
+        assert "exists; give a new directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.json"]
