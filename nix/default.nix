@@ -116,7 +116,8 @@ let
   mkSpec =
     fn: a:
     let
-      contents = map toString (toList (a.contents or [ ]));
+      # "${p}": a path literal is copied into the store, as a builder needs it
+      contents = map (p: "${p}") (toList (a.contents or [ ]));
       extra = concatStringsSep "\n" (
         filter (s: s != "") [
           (a.extraCommands or "")
@@ -142,12 +143,12 @@ let
       contents = {
         store_paths = contents;
         link_store_paths = a.linkContents or true;
-        roots = map toString (toList (a.roots or [ ]));
+        roots = map (p: "${p}") (toList (a.roots or [ ]));
       } // (if contents != [ ] || nixDb then { graph = ".attrs.json"; } else { });
       include_store_paths = a.includeStorePaths or true;
       max_layers = a.maxLayers or 100;
       inherit strategy;
-      from_image = if (a.fromImage or null) == null then null else toString a.fromImage;
+      from_image = if (a.fromImage or null) == null then null else "${a.fromImage}";
       nix_db = nixDb;
       config = a.config or { };
       architecture = a.architecture or goArch;
@@ -171,7 +172,7 @@ let
   # conf + customisation layer + stream script from a spec (one derivation,
   # two outputs: `out` the script, `confdir` what it reads).
   mkStream =
-    fn: drvName: spec: contents:
+    drvName: spec: contents:
     run {
       name = drvName;
       outputs = [
@@ -254,7 +255,7 @@ let
       a = checkArgs fn [ "name" ] layeredArgs args;
       spec = mkSpec fn a;
       baseName = baseNameOf a.name;
-      drv = mkStream fn "stream-${baseName}" spec (toList (a.contents or [ ]));
+      drv = mkStream "stream-${baseName}" spec spec.contents.store_paths;
       imageTag = if spec.tag != null then spec.tag else storeTag drv.confdir.outPath;
     in
     finish drv {
@@ -317,7 +318,7 @@ let
           }
         );
       baseName = baseNameOf a.name;
-      stream = mkStream fn "docker-image-${baseName}-conf" spec roots;
+      stream = mkStream "docker-image-${baseName}-conf" spec spec.contents.store_paths;
       imageTag = if spec.tag != null then spec.tag else storeTag stream.confdir.outPath;
       streamed = stream // {
         conf = "${stream.confdir}/conf.json";
@@ -337,7 +338,7 @@ let
     images:
     run {
       name = "merged-images.tar";
-      args = [ "merge" ] ++ map toString images ++ [ "-o" (builtins.placeholder "out") "--compress" "none" ];
+      args = [ "merge" ] ++ map (i: "${i}") images ++ [ "-o" (builtins.placeholder "out") "--compress" "none" ];
     };
 
   # A fixed-output derivation: `fastlayer pull NAME@DIGEST`, every digest checked.
