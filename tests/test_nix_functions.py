@@ -317,13 +317,15 @@ def test_build_image_copies_to_root(podman, images, info):
     assert podman.run(single.manifest[0]["RepoTags"][0]) == "copied root\n"
 
 
-def test_merge_images_and_fake_nss(images):
+def test_merge_images_and_fake_nss(podman, images):
     merged = images["merged"]
     with tarfile.open(merged) as tar:
         manifest = json.load(tar.extractfile("manifest.json"))
     tags = [m["RepoTags"] for m in manifest]
     assert tags == [archive(images["base"]).manifest[0]["RepoTags"],
                     archive(images["single"]).manifest[0]["RepoTags"]]  # fmt: skip
+    loaded = podman.load(merged)
+    assert {t[0] for t in tags} <= {n.removeprefix("localhost/") for n in loaded}, loaded
     nss = images["fakeNss"]
     assert (nss / "etc/passwd").read_text().splitlines() == [
         "root:x:0:0:root user:/var/empty:/bin/sh",
