@@ -31,6 +31,8 @@ COMMANDS = {
     "pull": "pull",
     "push": "push",
     "cache": "cache",
+    "nix-conf": "nix_conf",
+    "fake-nss": "nix_conf",
 }
 
 
