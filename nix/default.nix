@@ -211,6 +211,8 @@ let
     else
       "none";
 
+  # A derivation builds in isolation: no layer cache (nothing to share, and
+  # without a sandbox it would land in $HOME, which Nix wants absent).
   # The image file: stream-nix on the conf (the same bytes the script streams),
   # or `fastlayer build` of the same spec for OCI formats and compression.
   mkBuilt =
@@ -235,9 +237,9 @@ let
       out = builtins.placeholder "out";
       args =
         if format == "docker-archive" && compression == "none" then
-          [ "stream-nix" stream.conf "-o" out "-q" ]
+          [ "stream-nix" stream.conf "-o" out "-q" "--no-cache" ]
         else
-          [ "build" stream.spec "-o" out "--format" format "--compress" compression "-q" ];
+          [ "build" stream.spec "-o" out "--format" format "--compress" compression "-q" "--no-cache" ];
     in
     run { inherit name args; };
 

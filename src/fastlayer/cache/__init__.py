@@ -31,10 +31,21 @@ def default_root() -> str:
     return os.path.join(base, "fastlayer")
 
 
+def home_missing() -> bool:
+    """Whether the default cache would live in a home directory that does not
+    exist (a Nix build's /homeless-shelter): then there is no default cache,
+    rather than one that creates it."""
+    if os.environ.get("FASTLAYER_CACHE") or os.environ.get("XDG_CACHE_HOME"):
+        return False
+    return not os.path.isdir(os.path.expanduser("~"))
+
+
 def open_cache(where: str | bool | None = None) -> LayerCache | None:
     """The cache at where (a directory), at default_root() for None or True,
-    or none at all for False (--no-cache)."""
+    or none at all for False (--no-cache) or when the home it would be in is
+    missing."""
     if where is False:
         return None
-    root = default_root() if where in (None, True) else str(where)
-    return LayerCache(root)
+    if where in (None, True):
+        return None if home_missing() else LayerCache(default_root())
+    return LayerCache(str(where))

@@ -101,6 +101,10 @@ class BlobCache:
             added, self._added = self._added, []
         if not added:
             return
+        from fastlayer.cache import home_missing
+
+        if self.path == cache_path() and home_missing():
+            return  # no home to keep a cache in (a Nix build): never create one
         directory = os.path.dirname(self.path)
         with contextlib.suppress(OSError):
             os.makedirs(directory, exist_ok=True)
