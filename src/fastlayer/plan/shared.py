@@ -114,8 +114,10 @@ class _Union:
         self.names = list(ids)
         self.n = len(self.names)
         self.rows = [lut[r] for r in raw]  # graph i's row j is path rows[i][j]
-        self.used = [self._kept(g, rows, exclude[i] if exclude else ()) for i, (g, rows) in
-                     enumerate(zip(graphs, self.rows, strict=True))]  # fmt: skip
+        excluded = exclude if exclude is not None else [()] * len(graphs)
+        self.used = [  # global ids of the paths each image keeps
+            self._kept(g, rows, ex) for g, rows, ex in zip(graphs, self.rows, excluded, strict=True)
+        ]
         self.graph = self._graph(graphs, raw)
 
     @staticmethod
@@ -187,7 +189,8 @@ class _Groups:
         self.paths = used[by]
         cum = np.concatenate([[0], np.cumsum(union.graph.nar_size[self.paths])])
         self.cum: list[int] = cum.tolist()
-        self.mid2: list[int] = (cum[:-1] + cum[1:]).tolist()  # twice each byte midpoint
+        # Twice each path's byte midpoint (uint64: the total is below 2^63).
+        self.mid2: list[int] = (cum[:-1].astype(np.uint64) + cum[1:].astype(np.uint64)).tolist()
         counts = np.bincount(pos[inverse], minlength=len(order))
         self.start: list[int] = np.concatenate([[0], np.cumsum(counts)]).tolist()
         self.members = members[order]
