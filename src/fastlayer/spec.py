@@ -29,7 +29,7 @@ MAX_LAYERS = 10000
 EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
 LATEST = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc)
 # fastlayer.plan.STRATEGIES (defined here so specs load without numpy).
-STRATEGIES = ("popularity", "limit", "auto", "pipeline", "stable")
+STRATEGIES = ("popularity", "limit", "auto", "pipeline", "stable", "shared")
 CONFIG_KEYS = {
     "Cmd": list, "Entrypoint": list, "Env": list, "WorkingDir": str, "User": str,
     "ExposedPorts": dict, "Volumes": dict, "Labels": dict, "StopSignal": str,

@@ -7,7 +7,9 @@ Strategies (pure functions over the graph's CSR arrays, one module each):
 - `limit`: the same cut over the graph's own order (for input already ranked);
 - `auto`: nixpkgs' auto-layer;
 - `pipeline`: nixpkgs' layeringPipeline steps, given as JSON;
-- `stable`: keeps the previous plan's still-valid layers (see `stable`).
+- `stable`: keeps the previous plan's still-valid layers (see `stable`);
+- `shared`: several images planned together so that they share identical
+  layers (`shared_plans`; for one graph, that graph alone).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ _EXPORTS = {
     "store_layer_budget": "fastlayer.plan.limit",
     "make_plan": "fastlayer.plan.make",
     "rank": "fastlayer.plan.make",
+    "shared_plans": "fastlayer.plan.shared",
 }
 __all__ = sorted(_EXPORTS)
 

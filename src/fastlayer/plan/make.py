@@ -9,7 +9,7 @@ import numpy as np
 
 from fastlayer.errors import FastlayerError
 from fastlayer.graph import ClosureGraph
-from fastlayer.plan import auto, limit, pipeline, popularity, stable
+from fastlayer.plan import auto, limit, pipeline, popularity, shared, stable
 from fastlayer.plan.planfile import Layer, Plan
 from fastlayer.spec import STRATEGIES
 
@@ -46,6 +46,8 @@ def make_plan(
         raise FastlayerError(f"layer budget must be at least 1, got {budget}")
     if strategy == "auto":
         return _plan(graph, strategy, budget, auto.auto_layers(graph, budget, exclude))
+    if strategy == "shared":
+        return shared.shared_plans([graph], [budget], [exclude])[0]
     keep = _keep(graph, exclude)
     if strategy == "stable":
         groups = stable.stable_groups(graph, budget, previous)

@@ -4,7 +4,7 @@ Format, version 1 (keys in this order; readers ignore unknown keys):
 
     {
       "version": 1,
-      "strategy": "popularity" | "limit" | "auto" | "pipeline" | "stable",
+      "strategy": "popularity" | "limit" | "auto" | "pipeline" | "stable" | "shared",
       "store_dir": "/nix/store",
       "budget": 99,               # store layers allowed (null: not limited)
       "total_size": 123456,       # sum of narSize over every path of the graph
