@@ -136,10 +136,11 @@ def run_batch(args: argparse.Namespace) -> int:
 
 
 def _report_item(item, quiet: bool) -> None:
+    from fastlayer.batch import batch_error
     from fastlayer.cli import one_line
 
     if item.error is not None:
-        print(f"fastlayer: error: {one_line(item.source)}: {one_line(item.error)}", file=sys.stderr)
+        print(f"fastlayer: error: {one_line(batch_error(item))}", file=sys.stderr)
     elif not quiet:
         r = item.result
         print(f"{item.source}: {r.name}:{r.tag} -> {item.output}", file=sys.stderr)

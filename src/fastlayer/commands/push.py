@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_batch(args: argparse.Namespace, common: dict) -> int:
     """Several specs, each to PREFIX/<name>:<tag>; a failure does not stop the others."""
-    from fastlayer.batch import push_many
+    from fastlayer.batch import batch_error, push_many
     from fastlayer.cli import one_line
     from fastlayer.errors import FastlayerError
 
@@ -86,7 +86,7 @@ def run_batch(args: argparse.Namespace, common: dict) -> int:
 
     def done(item) -> None:
         if item.error is not None:
-            print(f"fastlayer: error: {one_line(item.source)}: {one_line(item.error)}",
+            print(f"fastlayer: error: {one_line(batch_error(item))}",
                   file=sys.stderr)  # fmt: skip
         else:
             print(item.output)

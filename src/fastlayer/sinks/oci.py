@@ -102,11 +102,16 @@ class _OciImage(Finishing):
         return ImageRecord(manifest["config"]["digest"], mdigest, list(self.layers))
 
 
-def index_json(manifests: list[dict], desc: dict, refs: list[str]) -> bytes:
+def index_json(
+    manifests: list[dict], desc: dict, refs: list[str], ref_name: str | None = None
+) -> bytes:
     """index.json: earlier entries kept unless they carry the tag of one of refs
-    (`name:tag` references), then ours: the tag as ref.name, the full reference
-    as io.containerd.image.name."""
-    ours = [{**desc, "annotations": {REF_NAME: split_ref(ref)[1], IMAGE_NAME: ref}} for ref in refs]
+    (`name:tag` references), then ours: the tag (or ref_name, when given) as
+    ref.name, the full reference as io.containerd.image.name."""
+    ours = [
+        {**desc, "annotations": {REF_NAME: ref_name or split_ref(ref)[1], IMAGE_NAME: ref}}
+        for ref in refs
+    ]
     tags = {x["annotations"][REF_NAME] for x in ours}
     kept = [m for m in manifests if (m.get("annotations") or {}).get(REF_NAME) not in tags]
     ours = ours or [desc]
@@ -122,6 +127,9 @@ class OciDirSink(_OciImage):
         self.blobs = os.path.join(root, "blobs", "sha256")
         self.created: list[str] = []  # what abort() removes from an existing layout
         self._held: dict[str, tuple[str, int]] = {}  # diff_id -> blob found (skips)
+        # ref.name of the image in index.json; None: its tag (a batch names each
+        # image of a shared layout after its spec, as tags may repeat)
+        self.ref_name: str | None = None
         self.old_index: bytes | None = None  # index.json as last read
         self.index_touched = False  # put_index may have replaced index.json
         for d in (os.path.join(root, "blobs"), self.blobs):
@@ -213,7 +221,7 @@ class OciDirSink(_OciImage):
 
     def put_index(self, manifest: dict, refs: list[str]) -> None:
         # read again: another build may have added to the layout meanwhile
-        data = index_json(self._old_manifests(), manifest, refs)
+        data = index_json(self._old_manifests(), manifest, refs, self.ref_name)
         self.index_touched = True  # before the rename: a signal may land right after it
         self._replace("index.json", data)
 
