@@ -9,6 +9,7 @@ Public API (imported lazily, so `import fastlayer` stays cheap):
 - load_graph(path) -> ClosureGraph; rank(graph); make_plan(graph, strategy, budget)
 - nar_hash(path) -> NarInfo; nar_hash_many(paths); scan_references(store_dir, paths)
 - pull(ref, output, ...); push_image(path, "docker://reg/name:tag"); push_spec(spec, dest)
+- build_many(specs, output_dir, ...), push_many(specs, "docker://reg/prefix") -> BatchResult
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ _LAZY = {
     "pull": "fastlayer.registry.pull",
     "push_image": "fastlayer.registry.push",
     "push_spec": "fastlayer.registry.push",
+    "build_many": "fastlayer.batch",
+    "push_many": "fastlayer.batch",
+    "BatchResult": "fastlayer.batch",
 }
 
 __all__ = ["FastlayerError", "__version__", *_LAZY]
