@@ -420,6 +420,8 @@ def _sources(
     kinds = [(paths, f"store paths: {paths}") for paths in store_paths]
     kinds += [([], f.comment) for f in files]
     skips = getattr(sink, "skips", None)
+    if skips is not None:
+        recipes.by_content()  # worth a read of the files only where a skip saves more
     held = [k is not None and skips is not None and skips(k) for k in recipes.known]
     recipes.reused += sum(held)
     produce = [not h and c is None for h, c in zip(held, recipes.copied, strict=True)]
@@ -489,6 +491,8 @@ class Recipes:
         self.known: list[Known | None] = [None] * n
         self.base_keys: list[str | None] = [None] * len(self.base)
         self.copied: list[Layer | None] = [None] * n  # layers copied from this run's files
+        self.content_keys: list[str | None] = [None] * n  # see by_content
+        self.files, self.owner, self.rules = files, owner, spec.permissions
         if cache is None and not reuse:
             return
         from fastlayer.cache.keys import base_region_key, file_layer_key, store_layer_key
@@ -512,6 +516,24 @@ class Recipes:
                     path, offset = layer.region
                     self.base_keys[i] = base_region_key(path, offset, layer.size, layer.diff_id)
 
+    def by_content(self) -> None:
+        """For file layers whose stat key missed, look up their content key (a
+        fresh checkout: same bytes, new inodes and times)."""
+        if self.cache is None:
+            return
+        from fastlayer.cache.keys import file_layer_content_key
+
+        n_store = len(self.keys) - len(self.files)
+        for j, f in enumerate(self.files):
+            i = n_store + j
+            if self.known[i] is not None or self.keys[i] is None:
+                continue
+            key = file_layer_content_key(f.lead_dirs, f.roots, self.owner, self.rules)
+            self.content_keys[i] = key
+            entry = self.cache.get(key) if key else None
+            if entry is not None:
+                self.known[i] = Known(entry.diff_id, entry.size, entry.blobs)
+
     def verified(self, i: int) -> bool:
         """Whether base layer i was verified by an earlier build, its file unchanged."""
         key = self.base_keys[i]
@@ -532,17 +554,19 @@ class Recipes:
             if key is not None:
                 self.cache.put(key, Entry(layer.diff_id, layer.size or 0))
         n_base = len(self.base)
-        for key, w in zip(self.keys, written[n_base : n_base + len(self.keys)], strict=False):
-            if key is None:
-                continue
+        mine = written[n_base : n_base + len(self.keys)]
+        for key, alt, w in zip(self.keys, self.content_keys, mine, strict=False):
             blobs = {blob_kind(compression_of(w.media_type)): (w.digest, w.blob_size)}
-            self.cache.put(key, Entry(w.diff_id, w.size, blobs if w.digest else {}))
+            for k in (key, alt):
+                if k is not None:
+                    self.cache.put(k, Entry(w.diff_id, w.size, blobs if w.digest else {}))
 
     def forget(self, diff_id: str) -> None:
         """Drop the entries that named diff_id: their recipe gave other bytes."""
-        for key, known in zip(self.keys, self.known, strict=True):
-            if key and known is not None and known.diff_id == diff_id and self.cache:
-                self.cache.drop(key, f"its recipe no longer gives {diff_id}")
+        for key, alt, known in zip(self.keys, self.content_keys, self.known, strict=True):
+            for k in (key, alt):
+                if k and known is not None and known.diff_id == diff_id and self.cache:
+                    self.cache.drop(k, f"its recipe no longer gives {diff_id}")
 
 
 def _image_config(

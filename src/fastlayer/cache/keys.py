@@ -79,6 +79,42 @@ def file_layer_key(
     return h.hexdigest()
 
 
+def file_layer_content_key(
+    lead_dirs: Sequence[str], roots: Sequence[tuple[str, str]], owner: object,
+    rules: Sequence[object],
+) -> str | None:  # fmt: skip
+    """The key of a layer walked from disk by what its bytes depend on: names,
+    types and modes, symlink targets and file contents (blake3, on every core
+    for big files), not inodes or times. It costs a read of every file, so it
+    is asked only when the stat key missed and a skip would save more (a fresh
+    checkout pushed again). None when an entry cannot be read."""
+    h = blake3(FORMAT + b"file contents\0")
+    _owner(h, owner, rules)
+    _fields(h, len(lead_dirs), *lead_dirs, len(roots))
+    try:
+        for fs, arc in roots:
+            _fields(h, arc)
+            for rel, st, target in _walk(fs):
+                _fields(h, rel, st.st_mode, target)
+                if stat.S_ISREG(st.st_mode):
+                    path = os.path.join(fs, rel.lstrip("/")) if rel else fs
+                    _fields(h, st.st_size, _content(path, st))
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _content(path: str, st: os.stat_result) -> bytes:
+    big = st.st_size >= (1 << 22)  # threads pay off only on large files
+    h = blake3(max_threads=blake3.AUTO) if big else blake3()
+    with open(path, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_ino != st.st_ino:
+            raise OSError(f"{path} was replaced while it was hashed")
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
+
+
 def _walk(top: str) -> Iterable[tuple[str, os.stat_result, str]]:
     """(path relative to top, lstat, symlink target or "") of top and all below it,
     in a fixed order; symlinked directories are not entered (as the layer walk)."""
