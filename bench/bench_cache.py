@@ -243,7 +243,7 @@ def batch(args: argparse.Namespace, work: Path) -> dict:
     apps_only = spec(work / "apps.toml", "bench/apps", g, directory)
     unique = sum(n["narSize"] for n in base_graph) + sum(a["narSize"] for a in apps)
 
-    t_batch, t_loop, t_one, t_apps = [], [], [], []
+    t_batch, t_loop, t_one, t_apps, t_oci, t_oci_one = [], [], [], [], [], []
     for _ in range(args.repeat + 1):
         out = work / "batch-out"
         shutil.rmtree(out, ignore_errors=True)
@@ -263,13 +263,27 @@ def batch(args: argparse.Namespace, work: Path) -> dict:
                           str(work / "one.tar")]))  # fmt: skip
         t_apps.append(run([*FASTLAYER, "build", "-q", "--no-cache", str(apps_only), "-o",
                            str(work / "apps.tar")]))  # fmt: skip
+        # the same into one OCI layout (uncompressed blobs): no archive repeats the base
+        layout = work / "batch-oci"
+        shutil.rmtree(layout, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        oci = [*FASTLAYER, "build", "-q", "--format", "oci-dir"]
+        t_oci.append(run([*oci, "--cache", str(cache), *map(str, specs), "-o", str(layout)]))
+        t = 0.0
+        for name, s in (("one-oci", specs[0]), ("apps-oci", apps_only)):
+            shutil.rmtree(work / name, ignore_errors=True)
+            t += run([*oci, "--no-cache", str(s), "-o", str(work / name)])
+        t_oci_one.append(t)
     keep = slice(1, None) if args.repeat else slice(None)
     res: dict = {
         "images": args.images,
         "batch": best(t_batch[keep]),
         "loop": best(t_loop[keep]),
         "one_plus_apps": best(t_one[keep]) + best(t_apps[keep]),
+        "batch_oci": best(t_oci[keep]),
+        "one_plus_apps_oci": best(t_oci_one[keep]),
         "unique_input": unique,
+        "archive_bytes": tree_bytes(work / "batch-out"),
     }
     for what, where in (("batch", work / "batch-out"), ("loop", work / "loop-out")):
         distinct: dict[str, int] = {}
@@ -313,6 +327,12 @@ def report(res: dict) -> None:
         print(f"batch of {n}: {t:.2f} s; loop of {n} cold builds {loop:.2f} s "
               f"({t / loop:.3f}x); one cold image + the {n} app layers "
               f"{yard:.2f} s (batch {t / yard:.3f}x)")  # fmt: skip
+        print(
+            f"  (the {n} archives hold {res['archive_bytes'] / mib:.0f} MiB: each repeats the base)"
+        )
+        t, yard = res["batch_oci"], res["one_plus_apps_oci"]
+        print(f"batch of {n} into one OCI layout: {t:.2f} s; one cold image + the {n} app "
+              f"layers, as OCI layouts: {yard:.2f} s (batch {t / yard:.3f}x)")  # fmt: skip
         u = res["unique_input"]
         for what in ("batch", "loop"):
             d = res[f"{what}_distinct_layer_bytes"]
