@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -188,3 +191,33 @@ def test_batch_push_names_each_image_and_a_repush_uploads_nothing(batch, tmp_pat
     out = validators.run_tool([skopeo, "inspect", "--tls-verify=false",
                                f"docker://{registry.host}/team/c:1"])  # fmt: skip
     assert len(json.loads(out)["Layers"]) == 3
+
+
+def test_sigterm_stops_every_build_of_a_batch_and_leaves_nothing(batch, tmp_path):
+    """The signal reaches the main thread only; the builds in flight on other
+    threads stop too, each cleaning up its staging directory and .part file."""
+    _, specs = batch
+    slow = []
+    for s in specs:
+        spec = json.loads(s.read_text())
+        spec["extra_commands"] = "sleep 1"
+        f = tmp_path / f"slow-{s.name}"
+        f.write_text(json.dumps(spec))
+        slow.append(str(f))
+    out, tmpdir = tmp_path / "out", tmp_path / "tmp"
+    tmpdir.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastlayer", "build", *slow, "-o", str(out), "-q", "--no-cache"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(tmpdir)},
+    )  # fmt: skip
+    time.sleep(0.5)
+    while proc.poll() is None and not list(tmpdir.iterdir()):
+        time.sleep(0.05)  # until a build is under way
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert list(tmpdir.iterdir()) == []
+    assert not [p for p in out.glob(".*") if p.name.endswith(".part")]
+    assert not list(out.glob("*.tar"))  # the build in flight was stopped, not finished

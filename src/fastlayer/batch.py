@@ -22,6 +22,7 @@ every image under its name:tag, each blob written once.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import tempfile
 import threading
@@ -290,25 +291,51 @@ def _schedule(
     reuse: dict[str, tuple[str, int, int, str]] = {}
     done: set[int] = set()
     running: dict[Future, int] = {}
+    threads: dict[int, int] = {}  # item -> ident of the thread building it
+
+    def task(n: int, known: dict) -> BuildResult:
+        threads[n] = threading.get_ident()
+        try:
+            return run(todo[n], known)
+        finally:
+            threads.pop(n, None)
+
     with ThreadPoolExecutor(jobs, thread_name_prefix="fastlayer-batch") as pool:
-        waiting = list(range(len(todo)))
-        while waiting or running:
-            for n in [n for n in waiting if needs[n] <= done][: jobs - len(running)]:
-                waiting.remove(n)
-                running[pool.submit(run, todo[n], dict(reuse))] = n
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for f in finished:
-                n = running.pop(f)
-                item = todo[n]
-                try:
-                    item.result = f.result()
-                except FastlayerError as e:
-                    item.error = str(e)
-                else:
-                    _remember(item, reuse)
-                done.add(n)
-                if on_done is not None:
-                    on_done(item)
+        try:
+            _drive(todo, needs, task, jobs, pool, running, done, reuse, on_done)
+        except BaseException:
+            # Ctrl-C, SIGTERM or SIGHUP reach the main thread only: stop the builds in
+            # flight the same way, so each cleans up (no .part left); the pool waits
+            for ident in list(threads.values()):
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt)
+                )
+            raise
+
+
+def _drive(
+    todo: list[Item], needs: dict[int, set[int]], task: Callable[[int, dict], BuildResult],
+    jobs: int, pool: ThreadPoolExecutor, running: dict[Future, int], done: set[int],
+    reuse: dict[str, tuple[str, int, int, str]], on_done: Callable[[Item], None] | None,
+) -> None:  # fmt: skip
+    waiting = list(range(len(todo)))
+    while waiting or running:
+        for n in [n for n in waiting if needs[n] <= done][: jobs - len(running)]:
+            waiting.remove(n)
+            running[pool.submit(task, n, dict(reuse))] = n
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for f in finished:
+            n = running.pop(f)
+            item = todo[n]
+            try:
+                item.result = f.result()
+            except FastlayerError as e:
+                item.error = str(e)
+            else:
+                _remember(item, reuse)
+            done.add(n)
+            if on_done is not None:
+                on_done(item)
 
 
 def _plan_keys(item: Item) -> list[str]:
