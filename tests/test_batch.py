@@ -221,3 +221,34 @@ def test_sigterm_stops_every_build_of_a_batch_and_leaves_nothing(batch, tmp_path
     assert list(tmpdir.iterdir()) == []
     assert not [p for p in out.glob(".*") if p.name.endswith(".part")]
     assert not list(out.glob("*.tar"))  # the build in flight was stopped, not finished
+
+
+def test_shards_build_every_spec_once_and_keep_their_specs_when_more_are_added(tmp_path):
+    """--shard K/N: the shards together cover every spec exactly once, and a spec
+    stays in its shard when others are added (each spec's shard is its own hash)."""
+    specs = []
+    for i in range(12):
+        f = tmp_path / f"img{i:02d}.json"
+        f.write_text(json.dumps({"name": f"team/img{i}", "tag": "1", "config": {"Cmd": [str(i)]}}))
+        specs.append(str(f))
+
+    def built(k: int, n: int, given: list[str]) -> set[str]:
+        out = tmp_path / f"out-{k}-{n}-{len(given)}"
+        r = subprocess.run(
+            [sys.executable, "-m", "fastlayer", "build", *given, "-o", str(out),
+             "--shard", f"{k}/{n}", "-q", "--no-cache"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.splitlines()[-1].startswith(f"fastlayer: shard {k}/{n}: ")
+        return {p.name for p in out.glob("*.tar")} if out.exists() else set()
+
+    three = [built(k, 3, specs[:9]) for k in (1, 2, 3)]
+    assert sorted(x for s in three for x in s) == sorted(f"img{i:02d}.tar" for i in range(9))
+    assert all(three)  # 9 specs in 3 shards: none empty (for these names)
+    more = [built(k, 3, specs) for k in (1, 2, 3)]
+    for before, after in zip(three, more, strict=True):
+        assert before <= after  # nothing moved to another shard
+    argv = ["build", *specs, "-o", str(tmp_path / "x"), "--shard", "3/2"]
+    r = subprocess.run([sys.executable, "-m", "fastlayer", *argv], capture_output=True, text=True)
+    assert r.returncode == 1 and "--shard '3/2'" in r.stderr and r.stderr.count("\n") == 1

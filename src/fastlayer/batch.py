@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blake3 import blake3
+
 from fastlayer.builder import BuildResult, Inputs, build_into, layer_cache, layer_inputs
 from fastlayer.errors import FastlayerError
 from fastlayer.spec import Spec, load_spec
@@ -57,9 +59,13 @@ class Item:
     def name(self) -> str:
         """The spec file's name without .toml/.json (for a dict: its image name's
         last component): what the image is named after in the output."""
+        if not self.source.startswith("spec["):
+            return self.name_of_file()
         assert self.spec is not None
-        stem = Path(self.source).name if not self.source.startswith("spec[") else self.spec.name
-        stem = stem.rsplit("/", 1)[-1]
+        return self.spec.name.rsplit("/", 1)[-1]
+
+    def name_of_file(self) -> str:
+        stem = Path(self.source).name
         for suffix in (".toml", ".json"):
             stem = stem.removesuffix(suffix)
         return stem
@@ -68,6 +74,7 @@ class Item:
 @dataclass
 class BatchResult:
     items: list[Item] = field(default_factory=list)
+    shard: tuple[int, int] | None = None
 
     @property
     def failed(self) -> list[Item]:
@@ -88,8 +95,9 @@ class BatchResult:
 
     def summary(self) -> str:
         c = self.counts()
+        shard = f"shard {self.shard[0]}/{self.shard[1]}: " if self.shard else ""
         return (
-            f"{c['images']} of {c['of']} images built; layers: {c['layers_built']} built, "
+            f"{shard}{c['images']} of {c['of']} images built; layers: {c['layers_built']} built, "
             f"{c['layers_reused']} reused; {_size(c['bytes_read'])} read, "
             f"{_size(c['bytes_written'])} written"
         )
@@ -119,11 +127,13 @@ def build_many(
     jobs: int = 2,
     strategy: str = "shared",
     on_done: Callable[[Item], None] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> BatchResult:
-    """Build every spec's image into output_dir (see the module's docstring)."""
+    """Build every spec's image into output_dir (see the module's docstring);
+    with shard (K, N), only the specs of shard K of N (see in_shard)."""
     from fastlayer.sinks import open_sink
 
-    items = _prepare(specs, strategy)
+    items = _prepare(specs, strategy, shard)
     shared_layout = format == "oci-dir"
     _outputs(items, output_dir, format, compress, shared_layout)
     if not shared_layout:
@@ -157,7 +167,7 @@ def build_many(
 
     with _batch_cache(cache) as cache:
         _schedule(items, run, 1 if shared_layout else max(1, jobs), on_done)
-    return BatchResult(items)
+    return BatchResult(items, shard)
 
 
 def push_many(
@@ -168,16 +178,18 @@ def push_many(
     jobs: int = 2,
     strategy: str = "shared",
     on_done: Callable[[Item], None] | None = None,
+    shard: tuple[int, int] | None = None,
     **push: Any,
 ) -> BatchResult:
-    """Push every spec's image to prefix/<last component of its name>:<tag>."""
+    """Push every spec's image to prefix/<last component of its name>:<tag>
+    (with shard, those of shard K of N only)."""
     from fastlayer.registry.push import push_spec
     from fastlayer.registry.reference import parse_reference
 
     dest = parse_reference(prefix)
     if dest.tag or dest.digest:
         raise FastlayerError(f"{prefix}: a batch pushes under a repository prefix, not a tag")
-    items = _prepare(specs, strategy)
+    items = _prepare(specs, strategy, shard)
     for item in items:
         if item.spec is not None:
             item.output = f"{prefix.rstrip('/')}/{item.spec.name.rsplit('/', 1)[-1]}"
@@ -195,20 +207,44 @@ def push_many(
 
     with _batch_cache(cache) as cache:
         _schedule(items, run, max(1, jobs), on_done)
-    return BatchResult(items)
+    return BatchResult(items, shard)
 
 
 # -- the steps --------------------------------------------------------------------------
 
 
-def _prepare(specs: Sequence[Any], strategy: str) -> list[Item]:
-    """Load every spec, open its inputs and plan the images together."""
+def in_shard(name: str, shard: tuple[int, int] | None) -> bool:
+    """Whether the image named name (its spec's name) is shard K of N's (1-based):
+    by a hash of the name alone, so adding or removing specs moves no other."""
+    if shard is None:
+        return True
+    k, n = shard
+    return int.from_bytes(blake3(name.encode("utf-8", "surrogateescape")).digest()[:8]) % n == k - 1
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """ "K/N" -> (K, N), 1 <= K <= N."""
+    k, sep, n = text.partition("/")
+    if not (sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise FastlayerError(f"--shard {text!r}: give K/N with 1 <= K <= N (e.g. 2/4)")
+    return int(k), int(n)
+
+
+def _prepare(
+    specs: Sequence[Any], strategy: str, shard: tuple[int, int] | None = None
+) -> list[Item]:
+    """Load every spec (of the shard), open its inputs and plan the images together."""
     items = []
     for i, given in enumerate(specs):
         where = os.fspath(given) if isinstance(given, (str, os.PathLike)) else f"spec[{i}]"
         item = Item(where)
+        if shard is not None and not where.startswith("spec["):
+            if not in_shard(item.name_of_file(), shard):
+                continue  # another shard's: not even loaded
         try:
             item.spec = load_spec(given)
+            if not in_shard(item.name, shard):
+                continue
             item.inputs = layer_inputs(item.spec)
         except FastlayerError as e:
             item.error = str(e)

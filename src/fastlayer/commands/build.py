@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "-j", "--jobs", type=int, default=2, help="a batch's images built at once (default 2)"
     )
     b.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="build only shard K of N of the specs (by a hash of each spec's name: "
+        "adding specs moves no other), for N CI jobs that together build each once",
+    )
+    b.add_argument(
         "--strategy",
         default="shared",
         help="a batch's plan for specs on the default strategy: shared (default: "
@@ -93,7 +99,7 @@ def run_build(args: argparse.Namespace) -> int:
     from fastlayer.sinks.output import is_stdout
     from fastlayer.spec import load_spec
 
-    if len(args.spec) > 1:
+    if len(args.spec) > 1 or args.shard:
         return run_batch(args)
     args.spec = args.spec[0]
     spec = load_spec(args.spec)
@@ -117,7 +123,7 @@ def run_build(args: argparse.Namespace) -> int:
 def run_batch(args: argparse.Namespace) -> int:
     """Several specs: every image into the -o directory; a bad spec does not stop
     the others, it makes the exit status 1."""
-    from fastlayer.batch import build_many
+    from fastlayer.batch import build_many, parse_shard
     from fastlayer.sinks.output import is_stdout
 
     if is_stdout(args.output):
@@ -126,9 +132,10 @@ def run_batch(args: argparse.Namespace) -> int:
         raise FastlayerError(f"-o {args.output}: a batch writes into a directory; this is not one")
     if args.metadata:
         raise FastlayerError("--metadata takes one spec; a batch prints a line per image")
+    shard = parse_shard(args.shard) if args.shard else None
     result = build_many(
         args.spec, args.output, format=args.format, compress=args.compress,
-        cache=cache_choice(args), jobs=args.jobs, strategy=args.strategy,
+        cache=cache_choice(args), jobs=args.jobs, strategy=args.strategy, shard=shard,
         on_done=lambda item: _report_item(item, args.quiet),
     )  # fmt: skip
     print(f"fastlayer: {result.summary()}", file=sys.stderr)

@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--insecure", action="store_true", help="plain HTTP (a local registry)")
     p.add_argument("-j", "--jobs", type=int, default=3, help="parallel uploads (default 3)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    p.add_argument("--shard", metavar="K/N", help="a batch: push only shard K of N of the specs")
     add_deadlines(p, "push")
     add_cache_flags(p)
     p.set_defaults(func=run)
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         stall=args.stall_timeout or None,
     )
-    if len(args.source) > 1:
+    if len(args.source) > 1 or args.shard:
         return run_batch(args, common)
     args.source = args.source[0]
     if is_spec(args.source):
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_batch(args: argparse.Namespace, common: dict) -> int:
     """Several specs, each to PREFIX/<name>:<tag>; a failure does not stop the others."""
-    from fastlayer.batch import batch_error, push_many
+    from fastlayer.batch import batch_error, parse_shard, push_many
     from fastlayer.cli import one_line
     from fastlayer.errors import FastlayerError
 
@@ -92,9 +93,10 @@ def run_batch(args: argparse.Namespace, common: dict) -> int:
             print(item.output)
 
     common["progress"] = False  # two pushes at once: per-image lines instead of bars
+    shard = parse_shard(args.shard) if args.shard else None
     result = push_many(
         args.source, args.destination, compress=args.compress, cache=cache_choice(args),
-        jobs=2, on_done=done, **common,
+        jobs=2, on_done=done, shard=shard, **common,
     )  # fmt: skip
     if not args.quiet:
         print(f"fastlayer: {result.summary()}", file=sys.stderr)
