@@ -33,6 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-j", "--jobs", type=int, default=3, help="parallel uploads (default 3)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.add_argument("--shard", metavar="K/N", help="a batch: push only shard K of N of the specs")
+    p.add_argument(
+        "--index",
+        action="store_true",
+        help="the specs are one image per platform: push each by digest, then one OCI "
+        "image index naming them with their platforms, tagged as the destination says",
+    )
     add_deadlines(p, "push")
     add_cache_flags(p)
     p.set_defaults(func=run)
@@ -53,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         stall=args.stall_timeout or None,
     )
+    if args.index:
+        return run_index(args, common)
     if len(args.source) > 1 or args.shard:
         return run_batch(args, common)
     args.source = args.source[0]
@@ -101,3 +109,24 @@ def run_batch(args: argparse.Namespace, common: dict) -> int:
     if not args.quiet:
         print(f"fastlayer: {result.summary()}", file=sys.stderr)
     return 1 if result.failed else 0
+
+
+def run_index(args: argparse.Namespace, common: dict) -> int:
+    """--index: one image per platform, then the index that names them."""
+    from fastlayer.errors import FastlayerError
+    from fastlayer.registry.push import push_index
+
+    images = [s for s in args.source if not is_spec(s)]
+    if images:
+        raise FastlayerError(f"push --index takes specs (.toml/.json), not {images[0]}")
+    if args.shard:
+        raise FastlayerError(
+            "--shard splits a batch; --index pushes one image of several platforms"
+        )
+    result = push_index(args.source, args.destination, compress=args.compress,
+                        cache=cache_choice(args), **common)  # fmt: skip
+    if not args.quiet:
+        print(f"fastlayer: {result.reference.name}:{result.tag}: index of {len(args.source)} "
+              f"platforms; {result.stats.summary()}", file=sys.stderr)  # fmt: skip
+    print(result.digest)
+    return 0

@@ -41,6 +41,7 @@ from fastlayer.emit import ReaderSource
 from fastlayer.errors import DigestMismatch, FastlayerError
 from fastlayer.model import (
     MT_OCI_CONFIG,
+    MT_OCI_INDEX,
     MT_OCI_LAYER,
     MT_OCI_LAYER_GZIP,
     MT_OCI_LAYER_ZSTD,
@@ -94,6 +95,7 @@ class PushResult:
     layers: list[WrittenLayer]
     stats: PushStats = field(default_factory=PushStats)
     build: Any = None  # the builder's BuildResult, for a pushed spec
+    manifest_size: int = 0
 
 
 class Body:
@@ -179,6 +181,8 @@ class RegistrySink:
         self._futures: list[Future] = []
         self._lock = threading.Lock()
         self._held: dict[str, Blob] = {}  # diff_id -> blob the repository has (skips)
+        self.untagged = False  # put the manifest by digest only (an index's member)
+        self.manifest_size = 0
         self._bar = _bar() if progress else None
         # Compress as produced when the cache knows nothing of this repository (a first
         # push: few hits expected); else spool first, so a cache hit skips compression.
@@ -391,7 +395,9 @@ class RegistrySink:
         raw = json.dumps(manifest, indent=2).encode()
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         self.reg.put_manifest(self.repo, digest, raw, MT_OCI_MANIFEST)
-        self.reg.put_manifest(self.repo, tag, raw, MT_OCI_MANIFEST)
+        if not self.untagged:
+            self.reg.put_manifest(self.repo, tag, raw, MT_OCI_MANIFEST)
+        self.manifest_size = len(raw)
         self.cache.save()
         self._close_bar()
         return ImageRecord(config_digest, digest, list(self.layers))
@@ -594,10 +600,12 @@ def push_spec(
     spec: Any, dest_text: str, *, compress: str | None = None, insecure: bool = False,
     workers: int = WORKERS, progress: bool = False, timeout: float | None = DEADLINE,
     stall: float | None = STALL, cache: Any = None, plan: Any = None, inputs: Any = None,
+    untagged: bool = False,
 ) -> PushResult:  # fmt: skip
     """Build spec's image straight into the registry (the builder, with our sink).
 
-    cache, plan, inputs: as for builder.build_into."""
+    cache, plan, inputs: as for builder.build_into. untagged: the manifest is put
+    by digest only (a member of an index pushed next)."""
     from fastlayer.builder import build_into
     from fastlayer.spec import load_spec
 
@@ -608,6 +616,7 @@ def push_spec(
     kind = compress or (spec.compression if spec.compression != "none" else "gzip")
     reg = _registry(dest, insecure, workers, timeout, stall)
     sink = RegistrySink(reg, dest.repository, kind, workers, progress)
+    sink.untagged = untagged
 
     built: list = []
 
@@ -623,4 +632,57 @@ def push_spec(
     finally:
         reg.close()
     result.build = built[0]
+    result.manifest_size = sink.manifest_size
     return result
+
+
+def platform_of(spec: Any) -> dict[str, str]:
+    """The OCI platform of a spec's image (what an index entry names)."""
+    platform = {"architecture": spec.architecture, "os": spec.os}
+    if spec.variant:
+        platform["variant"] = spec.variant
+    return platform
+
+
+def push_index(specs: list[Any], dest_text: str, **push: Any) -> PushResult:
+    """Push each spec's image by digest, then one OCI image index naming them with
+    their platforms, tagged as dest_text says (default "latest"). The result's
+    digest is the index's; its layers are every image's."""
+    from fastlayer.spec import load_spec
+
+    dest = parse_reference(dest_text)
+    if dest.digest:
+        raise FastlayerError(f"{dest_text}: push to a tag, not a digest")
+    loaded = [load_spec(s) for s in specs]
+    seen: dict[str, str] = {}
+    for given, spec in zip(specs, loaded, strict=True):
+        key = json.dumps(platform_of(spec), sort_keys=True)
+        if key in seen:
+            raise FastlayerError(
+                f"{given} and {seen[key]} are both {'/'.join(platform_of(spec).values())}: "
+                "an index holds one image per platform"
+            )
+        seen[key] = str(given)
+    entries, layers, stats = [], [], PushStats()
+    for spec in loaded:
+        one = push_spec(spec, f"docker://{dest.name}", untagged=True, **push)
+        entries.append({"mediaType": MT_OCI_MANIFEST, "digest": one.digest,
+                        "size": one.manifest_size, "platform": platform_of(spec)})  # fmt: skip
+        layers += one.layers
+        for k, v in vars(one.stats).items():
+            if isinstance(v, int):
+                setattr(stats, k, getattr(stats, k) + v)
+        if stats.config != "uploaded":  # the configs together: uploaded if one was
+            stats.config = one.stats.config
+    index = {"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": entries}
+    raw = json.dumps(index, indent=2).encode()
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    tag = dest.tag or "latest"
+    reg = _registry(dest, push.get("insecure", False), push.get("workers", WORKERS),
+                    push.get("timeout", DEADLINE), push.get("stall", STALL))  # fmt: skip
+    try:
+        reg.put_manifest(dest.repository, digest, raw, MT_OCI_INDEX)
+        reg.put_manifest(dest.repository, tag, raw, MT_OCI_INDEX)
+    finally:
+        reg.close()
+    return PushResult(dest, tag, digest, "", layers, stats)
