@@ -542,7 +542,7 @@ class Recipes:
         """Drop the entries that named diff_id: their recipe gave other bytes."""
         for key, known in zip(self.keys, self.known, strict=True):
             if key and known is not None and known.diff_id == diff_id and self.cache:
-                self.cache.drop(key, f"its recipe no longer gives {diff_id}")
+                self.cache.drop(key, f"its recipe no longer gives {diff_id}", quiet=True)
 
 
 def _image_config(
