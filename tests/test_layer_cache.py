@@ -641,6 +641,15 @@ def test_verified_base_is_remembered_but_not_past_a_change(world, tmp_path, caps
     assert seen == [True, True, False, False]  # the second build trusted what it had checked
     assert outs[0] == outs[1]
 
+    # a damaged record of a verified region: dropped with a word, verified again
+    entry = entry_path(cache, entries_by_diff_id(cache)[diff_ids(outs[0])[0]])
+    entry.write_bytes(b"\0not json")
+    seen.clear()
+    capsys.readouterr()
+    fastlayer.build(w.spec, str(tmp_path / "img2.tar"), cache=str(cache))
+    assert len(warnings_of(capsys.readouterr().err)) == 1
+    assert seen == [True, False] and (tmp_path / "img2.tar").read_bytes() == outs[0]
+
     base = Path(w.spec["from_image"])
     blob = layer_blobs(base.read_bytes())[1]
     data = bytearray(base.read_bytes())
