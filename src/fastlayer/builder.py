@@ -566,7 +566,7 @@ class Recipes:
         for key, alt, known in zip(self.keys, self.content_keys, self.known, strict=True):
             for k in (key, alt):
                 if k and known is not None and known.diff_id == diff_id and self.cache:
-                    self.cache.drop(k, f"its recipe no longer gives {diff_id}")
+                    self.cache.drop(k, f"its recipe no longer gives {diff_id}", quiet=True)
 
 
 def _image_config(

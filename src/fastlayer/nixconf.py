@@ -285,7 +285,7 @@ def _write_image(
                 digest = out.add_layer(source, mtime)
             except CacheMismatch as e:
                 if cache is not None and keys[i]:
-                    cache.drop(keys[i], f"its recipe no longer gives {e.expected}")
+                    cache.drop(keys[i], f"its recipe no longer gives {e.expected}", quiet=True)
                 raise
             if cache is not None and keys[i]:
                 cache.put(keys[i], Entry(f"sha256:{digest}", source.size or 0))

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from fastlayer import untrusted
+from fastlayer.errors import FastlayerError
 
 VERSION = "v1"
 MAX_ENTRY = 64 << 10  # an entry holds a few digests: anything larger is not ours
@@ -77,7 +78,7 @@ class LayerCache:
         try:
             with untrusted.open_regular(path, "layer cache entry") as f:
                 raw = f.read(MAX_ENTRY + 1)
-        except (OSError, untrusted.Invalid) as e:
+        except (OSError, FastlayerError) as e:  # a dangling link, a loop, a fifo...
             self.drop(key, str(e))
             self._count(misses=1)
             return None
@@ -127,12 +128,20 @@ class LayerCache:
             return
         self._count(written=1)
 
-    def drop(self, key: str, why: str) -> None:
-        """Remove a damaged or stale entry, saying so once on stderr."""
+    def drop(self, key: str, why: str, *, quiet: bool = False) -> None:
+        """Remove a damaged or stale entry, saying so once on stderr (quiet: the
+        caller's error says so)."""
         path = self.path(key)
-        with contextlib.suppress(OSError):
+        try:
             os.unlink(path)
+        except IsADirectoryError:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # an empty directory in an entry's place
+        except OSError:
+            pass
         self._count(dropped=1)
+        if quiet:
+            return
         warn(f"layer cache entry {path} dropped ({untrusted.short(why, 200)}); "
              "the layer is built afresh")  # fmt: skip
 
@@ -142,7 +151,7 @@ class LayerCache:
         try:
             with untrusted.open_regular(path, "layer cache entry") as f:
                 return _entry(untrusted.parse_json(f.read(MAX_ENTRY), path), path)
-        except (OSError, untrusted.Invalid):
+        except (OSError, FastlayerError):
             return None
 
     def _unwritable(self, e: OSError) -> None:
