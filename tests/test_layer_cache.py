@@ -356,6 +356,9 @@ def damage(path: Path, how: str, elsewhere: Path) -> None:
         path.write_text(json.dumps({"diff_id": "sha256:xyz", "size": 10240, "blobs": {}}))
     elif how == "negative size":
         path.write_text(json.dumps({"diff_id": "sha256:" + "a" * 64, "size": -1, "blobs": {}}))
+    elif how == "another key's entry":  # well-formed, but written for another recipe
+        other = next(p for p in path.parent.parent.rglob("*.json") if p.name != path.name)
+        path.write_bytes(other.read_bytes())
     elif how == "symlink to /etc/passwd":
         path.symlink_to("/etc/passwd")
     elif how == "dangling symlink":
@@ -381,7 +384,8 @@ def damage(path: Path, how: str, elsewhere: Path) -> None:
 
 
 DAMAGES = [
-    "garbage", "wrong types", "bad digest", "negative size", "symlink to /etc/passwd",
+    "garbage", "wrong types", "bad digest", "negative size", "another key's entry",
+    "symlink to /etc/passwd",
     "dangling symlink", "symlink loop", "fifo", "socket", "directory", "10 MiB file",
 ]  # fmt: skip
 

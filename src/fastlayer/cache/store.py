@@ -1,7 +1,7 @@
 """The cache directory: one small JSON entry per recipe key, written atomically.
 
     ROOT/layers/v1/<key[:2]>/<key>.json
-      {"diff_id": "sha256:...", "size": N,
+      {"key": "<key>", "diff_id": "sha256:...", "size": N,
        "blobs": {"gzip/2-isal-1.9.1-1048576": {"digest": "sha256:...", "size": M}, ...}}
 
 The directory is ours but read like any input: an entry must be a regular
@@ -85,7 +85,7 @@ class LayerCache:
         try:
             if len(raw) > MAX_ENTRY:
                 raise untrusted.Invalid(f"over {MAX_ENTRY} bytes")
-            entry = _entry(untrusted.parse_json(raw, path), path)
+            entry = _entry(untrusted.parse_json(raw, path), path, key)
         except untrusted.Invalid as e:
             self.drop(key, str(e))
             self._count(misses=1)
@@ -108,6 +108,7 @@ class LayerCache:
                 return  # nothing new to say
             entry = Entry(entry.diff_id, entry.size, {**old.blobs, **entry.blobs})
         data = {
+            "key": key,  # an entry copied or renamed to another key is not believed
             "diff_id": entry.diff_id,
             "size": entry.size,
             "blobs": {k: {"digest": d, "size": s} for k, (d, s) in sorted(entry.blobs.items())},
@@ -150,7 +151,8 @@ class LayerCache:
             return None
         try:
             with untrusted.open_regular(path, "layer cache entry") as f:
-                return _entry(untrusted.parse_json(f.read(MAX_ENTRY), path), path)
+                key = os.path.basename(path).removesuffix(".json")
+                return _entry(untrusted.parse_json(f.read(MAX_ENTRY), path), path, key)
         except (OSError, FastlayerError):
             return None
 
@@ -205,8 +207,12 @@ def warn(message: str) -> None:
     print(f"fastlayer: warning: {message}", file=sys.stderr)
 
 
-def _entry(doc: object, where: str) -> Entry:
+def _entry(doc: object, where: str, key: str) -> Entry:
     doc = untrusted.of_type(doc, dict, where)
+    if doc.get("key") != key:
+        raise untrusted.Invalid(
+            f"{where}: written for another key, {untrusted.short(doc.get('key'))}"
+        )
     diff_id = untrusted.digest(untrusted.field(doc, "diff_id", str, where), f"{where}: diff_id")
     size = untrusted.integer(doc.get("size"), f"{where}: size", 0, untrusted.MAX_INT)
     blobs: dict[str, tuple[str, int]] = {}
