@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import tempfile
 import threading
@@ -430,3 +431,27 @@ def _tree_size(root: str) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(d, f)).st_size
     return total
+
+
+def build_index(
+    specs: Sequence[str | os.PathLike[str] | dict[str, Any] | Spec], layout: str, **kw: Any
+) -> tuple[BatchResult, str | None]:
+    """One image per platform into the OCI layout, then an image index naming them,
+    under the specs' common `name:tag` (which they must share). Returns the batch
+    and the index's digest (None when an image failed: no index is written)."""
+    from fastlayer.registry.push import platform_of
+    from fastlayer.sinks.oci import add_image_index
+
+    loaded = [load_spec(s) for s in specs]
+    refs = {(s.name, s.tag) for s in loaded}
+    if len(refs) != 1 or not loaded[0].tag:
+        raise FastlayerError("--index: give every spec the same name and tag (the index's)")
+    platforms = [json.dumps(platform_of(s), sort_keys=True) for s in loaded]
+    if len(set(platforms)) != len(platforms):
+        raise FastlayerError("--index: two specs are for the same platform")
+    result = build_many(specs, layout, format="oci-dir", **kw)
+    if result.failed:
+        return result, None
+    members = [(x.result.manifest_digest, platform_of(x.spec)) for x in result.items]  # type: ignore[union-attr]
+    ref = f"{loaded[0].name}:{loaded[0].tag}"
+    return result, add_image_index(layout, members, ref, [x.name for x in result.items])  # type: ignore[arg-type]

@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "-j", "--jobs", type=int, default=2, help="a batch's images built at once (default 2)"
     )
     b.add_argument(
+        "--index",
+        action="store_true",
+        help="with --format oci-dir: the specs are one image per platform (same name and "
+        "tag); write them and one OCI image index naming them under that name:tag",
+    )
+    b.add_argument(
         "--shard",
         metavar="K/N",
         help="build only shard K of N of the specs (by a hash of each spec's name: "
@@ -99,6 +105,8 @@ def run_build(args: argparse.Namespace) -> int:
     from fastlayer.sinks.output import is_stdout
     from fastlayer.spec import load_spec
 
+    if args.index:
+        return run_index(args)
     if len(args.spec) > 1 or args.shard:
         return run_batch(args)
     args.spec = args.spec[0]
@@ -140,6 +148,25 @@ def run_batch(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(f"fastlayer: {result.summary()}", file=sys.stderr)
     return 1 if result.failed else 0
+
+
+def run_index(args: argparse.Namespace) -> int:
+    """--index: the platforms' images and their index into one OCI layout."""
+    from fastlayer.batch import build_index
+
+    if args.format != "oci-dir":
+        raise FastlayerError("--index writes an OCI image index: use it with --format oci-dir")
+    if args.shard or args.metadata:
+        raise FastlayerError("--index takes neither --shard nor --metadata")
+    result, digest = build_index(
+        args.spec, args.output, compress=args.compress, cache=cache_choice(args),
+        on_done=lambda item: _report_item(item, args.quiet),
+    )  # fmt: skip
+    if digest is None:
+        print(f"fastlayer: {result.summary()}; no index written", file=sys.stderr)
+        return 1
+    print(digest)
+    return 0
 
 
 def _report_item(item, quiet: bool) -> None:

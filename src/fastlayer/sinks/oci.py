@@ -357,3 +357,27 @@ def oci_archive_sink(
         except BaseException:
             sink.abort()
             raise
+
+
+def add_image_index(
+    root: str, members: list[tuple[str, dict]], ref: str, replaced: list[str]
+) -> str:
+    """Put an OCI image index naming the layout's manifests `members` [(digest,
+    platform)] in blobs, and into index.json under ref (`name:tag`), in place of
+    the entries whose ref.name is in replaced. Returns the index's digest."""
+    blobs = os.path.join(root, "blobs", "sha256")
+    manifests = []
+    for digest, platform in members:
+        path = os.path.join(blobs, digest.removeprefix("sha256:"))
+        manifests.append({"mediaType": MT_OCI_MANIFEST, "digest": digest,
+                          "size": os.path.getsize(path), "platform": platform})  # fmt: skip
+    raw = _json({"schemaVersion": 2, "mediaType": MT_OCI_INDEX, "manifests": manifests})
+    desc = descriptor(MT_OCI_INDEX, raw)
+    sink = OciDirSink(root, "none")
+    sink.put_blob(raw)
+    old = [
+        m for m in sink._old_manifests()
+        if (m.get("annotations") or {}).get(REF_NAME) not in replaced
+    ]  # fmt: skip
+    sink._replace("index.json", index_json(old, desc, [ref]))
+    return desc["digest"]
