@@ -226,6 +226,35 @@ def app_path(store: Path, i: int, size: int, base_root: str) -> dict:
             "narHash": "", "closureSize": 0}  # fmt: skip
 
 
+# nixpkgs' script reads /nix/store: a private mount namespace shows it the bench store there
+NAMESPACE = (
+    'mount -t tmpfs none /nix && mkdir /nix/store && mount --bind "$1/nix/store" /nix/store'
+    ' && shift && exec "$@"'
+)
+
+
+def reference_loop(script: str, directory: Path, specs: list[Path], work: Path) -> float:
+    """nixpkgs' stream_layered_image.py once per image (popularity plan, 100 layers, the
+    base's tiny customisation layer), each into a file: the loop a user runs today."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        raise SystemExit("--reference needs root and unshare (to mount the store at /nix/store)")
+    base_conf = json.loads((directory / "conf.json").read_text())
+    total = 0.0
+    for s in specs:
+        graph = re.search(r'graph = "([^"]+)"', s.read_text()).group(1)  # type: ignore[union-attr]
+        plan = subprocess.run([*FASTLAYER, "plan", graph, "--max-layers", "100"],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+        layers = [x["paths"] for x in json.loads(plan)["layers"]]
+        conf = work / f"{s.stem}.conf.json"
+        conf.write_text(json.dumps({**base_conf, "store_layers": layers,
+                                    "repo_tag": f"bench/{s.stem}:1"}))  # fmt: skip
+        argv = ["unshare", "-m", "sh", "-c", NAMESPACE, "sh", str(directory), sys.executable,
+                script, str(conf)]  # fmt: skip
+        with open(work / "ref.tar", "wb") as out:
+            total += run(argv, stdout=out)
+    return total
+
+
 def batch(args: argparse.Namespace, work: Path) -> dict:
     directory = Path(args.dir) / "base"
     ensure_store(directory, parse_size("256M"))
@@ -275,6 +304,8 @@ def batch(args: argparse.Namespace, work: Path) -> dict:
             t += run([*oci, "--no-cache", str(s), "-o", str(work / name)])
         t_oci_one.append(t)
     keep = slice(1, None) if args.repeat else slice(None)
+    if args.reference:
+        res_ref = reference_loop(args.reference, directory, specs, work)
     res: dict = {
         "images": args.images,
         "batch": best(t_batch[keep]),
@@ -285,6 +316,8 @@ def batch(args: argparse.Namespace, work: Path) -> dict:
         "unique_input": unique,
         "archive_bytes": tree_bytes(work / "batch-out"),
     }
+    if args.reference:
+        res["reference_loop"] = res_ref
     for what, where in (("batch", work / "batch-out"), ("loop", work / "loop-out")):
         distinct: dict[str, int] = {}
         for tar_path in sorted(where.glob("*.tar")):
@@ -327,9 +360,11 @@ def report(res: dict) -> None:
         print(f"batch of {n}: {t:.2f} s; loop of {n} cold builds {loop:.2f} s "
               f"({t / loop:.3f}x); one cold image + the {n} app layers "
               f"{yard:.2f} s (batch {t / yard:.3f}x)")  # fmt: skip
-        print(
-            f"  (the {n} archives hold {res['archive_bytes'] / mib:.0f} MiB: each repeats the base)"
-        )
+        if "reference_loop" in res:
+            ref = res["reference_loop"]
+            print(f"  loop of {n} runs of nixpkgs' script: {ref:.2f} s (batch {t / ref:.3f}x)")
+        held = res["archive_bytes"] / mib
+        print(f"  (the {n} archives hold {held:.0f} MiB: each repeats the base)")
         t, yard = res["batch_oci"], res["one_plus_apps_oci"]
         print(f"batch of {n} into one OCI layout: {t:.2f} s; one cold image + the {n} app "
               f"layers, as OCI layouts: {yard:.2f} s (batch {t / yard:.3f}x)")  # fmt: skip
@@ -349,6 +384,7 @@ def main() -> int:
     p.add_argument("--images", type=int, default=20)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--reference", help="nixpkgs' stream_layered_image.py: time its loop too")
     args = p.parse_args()
     if not shutil.which("strace"):
         raise SystemExit("bench_cache needs strace (apt-get install strace)")
