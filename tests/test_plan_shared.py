@@ -221,6 +221,15 @@ def test_cli_plans_several_graphs_into_a_directory(tmp_path, capsys):
     assert short(read_plan(out / "img1.plan.json")) == [
         ["glibc", "zlib"], ["py", "bash"], ["app1"]
     ]  # fmt: skip
+    # One graph: a plan on stdout, as with every strategy. img1 alone, budget 4:
+    # popularity glibc 7, zlib 3, bash 2, py 2 (tie: by name), app1 1; bytes
+    # 10 4 5 8 3. Halvings: glibc zlib | bash py app1 (gain 448), then bash |
+    # py app1 (110 beats glibc | zlib, 80), then glibc | zlib (80 beats py | app1, 48).
+    assert main(["plan", files[1], "--strategy", "shared", "--max-layers", "5"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert [[p.rsplit("/", 1)[1] for p in x["paths"]] for x in one["layers"]] == [
+        ["glibc"], ["zlib"], ["bash"], ["py", "app1"]
+    ]  # fmt: skip
     assert main(["plan", *files, "--strategy", "shared"]) == 1
     assert "several graphs need -o DIR" in capsys.readouterr().err
     assert main(["plan", *files, "-o", str(tmp_path / "x")]) == 1
