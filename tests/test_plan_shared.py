@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -199,6 +200,9 @@ def test_argument_errors():
         shared_plans([g, g], [3])
     with pytest.raises(FastlayerError, match="budget of image 1 must be at least 1, got 0"):
         shared_plans([g, g], [3, 0])
+    with pytest.raises(FastlayerError, match="budget of image 0 must be at least 1, got True"):
+        shared_plans([g], [True])
+    assert short(shared_plans([g], [np.int64(1)])[0]) == [["glibc", "zlib", "bash", "lib0", "app0"]]
     with pytest.raises(FastlayerError, match="2 graphs but 1 exclude lists"):
         shared_plans([g, g], [3, 3], [()])
     assert shared_plans([], []) == []

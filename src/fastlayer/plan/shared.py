@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import numbers
 from bisect import bisect_left
 from collections.abc import Collection, Sequence
 from itertools import count, pairwise
@@ -94,7 +95,7 @@ def _check_args(
     if exclude is not None and len(exclude) != len(graphs):
         raise FastlayerError(f"{len(graphs)} graphs but {len(exclude)} exclude lists")
     for i, b in enumerate(budgets):
-        if type(b) is not int or b < 1:
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1:
             raise FastlayerError(f"layer budget of image {i} must be at least 1, got {b!r}")
     for i, g in enumerate(graphs):
         if g.store_dir != graphs[0].store_dir:
