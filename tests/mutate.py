@@ -1051,7 +1051,7 @@ GRAPH_VALUES = (*VALUES, "/nix/store/0a2k8c1n7dq5h0d8z2b4l6c1w3x4y5z6-app-1.0", 
 # Mostly sensible numbers, with the edges among them.
 MAX_LAYERS = (2, 3, 10, 100, 2, 3, 10, 1, 0, -1, 2**31, 2**70)
 BASE_LAYERS = (0, 0, 0, 1, 1, 5, -10, 2**70)
-PLAN_STRATEGIES = ("popularity", "limit", "auto")
+PLAN_STRATEGIES = ("popularity", "limit", "auto", "shared")
 
 
 def draw_case(p: Pick, command: str, kind: str | None = None) -> Case:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -199,6 +200,9 @@ def test_argument_errors():
         shared_plans([g, g], [3])
     with pytest.raises(FastlayerError, match="budget of image 1 must be at least 1, got 0"):
         shared_plans([g, g], [3, 0])
+    with pytest.raises(FastlayerError, match="budget of image 0 must be at least 1, got True"):
+        shared_plans([g], [True])
+    assert short(shared_plans([g], [np.int64(1)])[0]) == [["glibc", "zlib", "bash", "lib0", "app0"]]
     with pytest.raises(FastlayerError, match="2 graphs but 1 exclude lists"):
         shared_plans([g, g], [3, 3], [()])
     assert shared_plans([], []) == []
@@ -220,6 +224,15 @@ def test_cli_plans_several_graphs_into_a_directory(tmp_path, capsys):
     # --max-layers 4: 3 store layers each (one for the customisation layer).
     assert short(read_plan(out / "img1.plan.json")) == [
         ["glibc", "zlib"], ["py", "bash"], ["app1"]
+    ]  # fmt: skip
+    # One graph: a plan on stdout, as with every strategy. img1 alone, budget 4:
+    # popularity glibc 7, zlib 3, bash 2, py 2 (tie: by name), app1 1; bytes
+    # 10 4 5 8 3. Halvings: glibc zlib | bash py app1 (gain 448), then bash |
+    # py app1 (110 beats glibc | zlib, 80), then glibc | zlib (80 beats py | app1, 48).
+    assert main(["plan", files[1], "--strategy", "shared", "--max-layers", "5"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert [[p.rsplit("/", 1)[1] for p in x["paths"]] for x in one["layers"]] == [
+        ["glibc"], ["zlib"], ["bash"], ["py", "app1"]
     ]  # fmt: skip
     assert main(["plan", *files, "--strategy", "shared"]) == 1
     assert "several graphs need -o DIR" in capsys.readouterr().err

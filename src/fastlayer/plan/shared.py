@@ -37,16 +37,18 @@ Layers come out bottom first: each image's groups in the order of 2, a split
 group's runs in path order, the merged layer after the shared groups kept as
 they are, the image's own group last. The same input (graphs in the same
 order, same budgets) gives the same plans, however the graphs order their
-paths. A path whose narSize differs between graphs counts with the size the
-first graph holding it gives.
+paths. A path whose narSize or references differ between graphs (which Nix
+store paths cannot) counts with those of the first graph holding it.
 """
 
 from __future__ import annotations
 
+import gc
 import heapq
+import numbers
 from bisect import bisect_left
 from collections.abc import Collection, Sequence
-from itertools import count
+from itertools import count, pairwise
 
 import numpy as np
 
@@ -71,7 +73,16 @@ def shared_plans(
     groups = _Groups(union)
     layout = _Layout(groups, [int(b) for b in budgets])
     layout.split()
-    return layout.plans(graphs[0].store_dir)
+    # The plans are tens of thousands of new lists and objects, none in a cycle:
+    # left on, the collector would walk every path list of every graph several
+    # times over while they are made (the first batch of a process paid 10x).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return layout.plans(graphs[0].store_dir)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _check_args(
@@ -84,7 +95,7 @@ def _check_args(
     if exclude is not None and len(exclude) != len(graphs):
         raise FastlayerError(f"{len(graphs)} graphs but {len(exclude)} exclude lists")
     for i, b in enumerate(budgets):
-        if type(b) is not int or b < 1:
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1:
             raise FastlayerError(f"layer budget of image {i} must be at least 1, got {b!r}")
     for i, g in enumerate(graphs):
         if g.store_dir != graphs[0].store_dir:
@@ -233,8 +244,9 @@ class _Layout:
         self.units: list[tuple[list[int], list[int], int | None]] = []
         self.slack: list[int] = []
         width = groups.width
+        by_image = np.ascontiguousarray(groups.members.T)
         for i, budget in enumerate(budgets):
-            mine = np.flatnonzero(groups.members[:, i]).tolist()
+            mine = np.flatnonzero(by_image[i]).tolist()
             own = mine.pop() if mine and width[mine[-1]] == 1 else None
             total = len(mine) + (own is not None)
             if total <= budget:
@@ -281,33 +293,29 @@ class _Layout:
 
     def plans(self, store_dir: str) -> list[Plan]:
         groups = self.groups
-        names = groups.names
-        paths = groups.paths.tolist()
-        cum = groups.cum
-        start = groups.start
+        # Names in plan order, as objects: any slice or selection of them is
+        # one C-level gather.
+        name_at = np.array(groups.names, dtype=object)[groups.paths]
+        cum, start = groups.cum, groups.start
+        group_at = np.repeat(np.arange(groups.k), np.diff(start))
         cache: dict[int, list[tuple[list[str], int]]] = {}
 
         def runs(g: int) -> list[tuple[list[str], int]]:
             """Group g's layers (paths, bytes), built once for every image holding it."""
             if g not in cache:
                 b = [start[g], *sorted(self.cuts[g]), start[g + 1]]
-                cache[g] = [
-                    ([names[p] for p in paths[s:e]], cum[e] - cum[s])
-                    for s, e in zip(b, b[1:], strict=False)
-                ]
+                cache[g] = [(name_at[s:e].tolist(), cum[e] - cum[s]) for s, e in pairwise(b)]
             return cache[g]
 
         plans = []
         for budget, (kept, merged, own) in zip(self.budgets, self.units, strict=True):
             layers = [Layer(paths=list(p), size=s) for g in kept for p, s in runs(g)]
             if merged:
-                spans = [(start[g], start[g + 1]) for g in merged]
-                layers.append(
-                    Layer(
-                        paths=[names[p] for s, e in spans for p in paths[s:e]],
-                        size=sum(cum[e] - cum[s] for s, e in spans),
-                    )
-                )
+                chosen = np.zeros(groups.k, dtype=bool)
+                chosen[merged] = True
+                at = np.flatnonzero(chosen[group_at])  # ascending: group order, then path order
+                size = sum(cum[start[g + 1]] - cum[start[g]] for g in merged)
+                layers.append(Layer(paths=name_at[at].tolist(), size=size))
             if own is not None:
                 layers += [Layer(paths=list(p), size=s) for p, s in runs(own)]
             plans.append(Plan(strategy="shared", layers=layers, store_dir=store_dir, budget=budget))
