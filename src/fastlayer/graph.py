@@ -15,6 +15,7 @@ ascending id order. Every error is one line naming the culprit.
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -285,9 +286,51 @@ def load_graph(
     # No size cap (real graphs pass 80 MB), but a fifo or device is refused by
     # type; no depth walk either: the loader checks every value's type anyway.
     with untrusted.open_regular(name, "graph") as f:
+        graph = _load_native(f, key, store_dir or default_store_dir(), name)
+        if graph is not None:
+            return graph
         raw = f.read()
     data = untrusted.parse_json(raw, f"malformed JSON in {name}", max_depth=None)
     return graph_from_json(data, key=key, store_dir=store_dir, source=name)
+
+
+def _load_native(f: Any, key: str | None, store_dir: str, source: str) -> ClosureGraph | None:
+    """The common case, parsed natively from a read-only mapping of the file into
+    the CSR arrays (no Python object per reference). None for anything else,
+    including every error: the general loader below then names the culprit."""
+    from fastlayer._native import graphload, rank
+
+    prefix = store_dir.rstrip("/") + "/"
+    if not (store_dir.isascii() and store_dir.isprintable()):
+        return None
+    size = os.fstat(f.fileno()).st_size
+    if size == 0:
+        return None
+    with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
+        with memoryview(m) as view:
+            cols = graphload.parse(
+                view,
+                None if key is None else key.encode(),
+                store_dir.encode(),
+                prefix.encode(),
+                drop_pages=True,
+            )
+    if cols is None:
+        return None
+    names, counts, refs, nar_size, hashes, closure_size, derivers = cols
+    indptr, indices = rank.clean_rows(counts, refs)
+    graph = ClosureGraph(
+        names=names,
+        indptr=indptr,
+        indices=indices,
+        nar_size=nar_size,
+        nar_hash=hashes,
+        closure_size=closure_size,
+        deriver=derivers if any(d is not None for d in derivers) else None,
+        store_dir=store_dir,
+    )
+    _check_acyclic(graph, source)
+    return graph
 
 
 def graph_from_json(

@@ -1,0 +1,139 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Closure graph JSON straight into CSR arrays (csrc/graphjson.c).
+
+`parse` returns the columns of a graph, or None when the input is anything but
+the well-formed common case (escapes, non-ASCII paths, duplicate or dangling
+paths, bad sizes, ...): the caller then runs the general loader, which names
+the culprit. One Python str per path (and per hash or deriver); references
+never become Python objects.
+"""
+
+import numpy as np
+
+cimport numpy as cnp
+from cpython.unicode cimport PyUnicode_DecodeLatin1
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+
+cnp.import_array()
+
+
+cdef extern from "graphjson.h":
+    ctypedef struct fg_intern:
+        uint64_t *off
+        uint32_t *len
+        size_t n
+
+    ctypedef struct fg_graph:
+        char *arena
+        fg_intern names
+        size_t n
+        int32_t *path_id
+        int64_t *nar_size
+        int64_t *closure_size
+        int64_t *hash_off
+        int64_t *drv_off
+        uint32_t *hash_len
+        uint32_t *drv_len
+        int64_t *ref_count
+        int32_t *refs
+        size_t nrefs
+        int all_closure
+        const char *store_dir
+        size_t store_dir_len
+        const char *check_prefix
+        size_t check_prefix_len
+
+    int FG_OK, FG_OTHER, FG_NOMEM
+    void fg_init(fg_graph *g) nogil
+    void fg_free(fg_graph *g) nogil
+    int fg_parse(fg_graph *g, const unsigned char *buf, size_t len, const char *key,
+                 size_t key_len, int madv) nogil
+
+
+cdef list _strings(const char *arena, const int64_t *off, const uint32_t *length, size_t n):
+    cdef list out = [None] * n
+    cdef size_t i
+    for i in range(n):
+        if off[i] >= 0:
+            out[i] = PyUnicode_DecodeLatin1(arena + off[i], length[i], NULL)
+    return out
+
+
+def parse(const unsigned char[::1] buf, key, bytes store_dir, bytes check_prefix,
+          bint drop_pages=False):
+    """(names, counts, cols, nar_size, nar_hash, closure_size, deriver) or None.
+
+    key: bytes or None. Rows are paths in file order; `cols` holds each row's
+    references as row ids, `counts` how many per row (not yet deduplicated).
+    drop_pages: buf is a page-aligned mapping whose pages may be dropped once
+    parsed (keeps peak memory down on large files)."""
+    cdef fg_graph g
+    cdef const char *key_p = NULL
+    cdef size_t key_n = 0
+    cdef int rc
+    cdef size_t i, n, m = buf.shape[0]
+    if m == 0:
+        return None
+    if key is not None:
+        key_p = <bytes>key
+        key_n = len(<bytes>key)
+    fg_init(&g)
+    g.store_dir = store_dir
+    g.store_dir_len = len(store_dir)
+    g.check_prefix = check_prefix
+    g.check_prefix_len = len(check_prefix)
+    cdef int32_t *row_of = NULL
+    try:
+        with nogil:
+            rc = fg_parse(&g, &buf[0], m, key_p, key_n, drop_pages)
+        if rc == FG_NOMEM:
+            raise MemoryError()
+        if rc != FG_OK:
+            return None
+        n = g.n
+        row_of = <int32_t *>malloc((g.names.n + 1) * sizeof(int32_t))
+        if row_of == NULL:
+            raise MemoryError()
+        counts_arr = np.empty(n, dtype=np.int64)
+        cols_arr = np.empty(g.nrefs, dtype=np.int32)
+        sizes_arr = np.empty(n, dtype=np.int64)
+        closure_arr = np.empty(n, dtype=np.int64) if g.all_closure and n else None
+        if not _columns(&g, row_of, counts_arr, cols_arr, sizes_arr, closure_arr):
+            return None  # a duplicate or dangling path
+        names = [None] * n
+        for i in range(n):
+            k = g.path_id[i]
+            names[i] = PyUnicode_DecodeLatin1(g.arena + g.names.off[k], g.names.len[k], NULL)
+        hashes = _strings(g.arena, g.hash_off, g.hash_len, n)
+        derivers = _strings(g.arena, g.drv_off, g.drv_len, n)
+        return names, counts_arr, cols_arr, sizes_arr, hashes, closure_arr, derivers
+    finally:
+        free(row_of)
+        fg_free(&g)
+
+
+cdef bint _columns(fg_graph *g, int32_t *row_of, int64_t[::1] counts, int32_t[::1] cols,
+                   int64_t[::1] sizes, closure_arr):
+    cdef size_t i, e, n = g.n
+    cdef int32_t r
+    cdef int64_t[::1] closure
+    with nogil:
+        for i in range(g.names.n):
+            row_of[i] = -1
+        for i in range(n):
+            if row_of[g.path_id[i]] >= 0:
+                return False
+            row_of[g.path_id[i]] = <int32_t>i
+            counts[i] = g.ref_count[i]
+            sizes[i] = g.nar_size[i]
+        for e in range(g.nrefs):
+            r = row_of[g.refs[e]]
+            if r < 0:
+                return False
+            cols[e] = r
+    if closure_arr is not None:
+        closure = closure_arr
+        for i in range(n):
+            closure[i] = g.closure_size[i]
+    return True
