@@ -80,17 +80,18 @@ static uint64_t hash_bytes(const unsigned char *s, size_t len)
     return h;
 }
 
-#define HI(h) ((h) & 0xFFFFFFFF00000000ull)
+#define MAX_LEN ((1u << 24) - 1)
 
 static int intern_rehash(fg_intern *t)
 {
     size_t ns = t->nslots ? t->nslots * 2 : 4096;
-    uint64_t *slots = calloc(ns, sizeof *slots);
+    fg_slot *slots = calloc(ns, sizeof *slots);
     if (!slots) return FG_NOMEM;
-    for (size_t id = 0; id < t->n; id++) {
-        size_t j = t->hash[id] & (ns - 1);
-        while (slots[j]) j = (j + 1) & (ns - 1);
-        slots[j] = HI(t->hash[id]) | (id + 1);
+    for (size_t i = 0; i < t->nslots; i++) {
+        if (!t->slots[i].loc) continue;
+        size_t j = t->slots[i].hash & (ns - 1);
+        while (slots[j].loc) j = (j + 1) & (ns - 1);
+        slots[j] = t->slots[i];
     }
     free(t->slots);
     t->slots = slots;
@@ -98,21 +99,23 @@ static int intern_rehash(fg_intern *t)
     return 0;
 }
 
-/* The id of s, added if new; *fresh says which. A slot holds the hash's high
- * bits, so a probe touches the string only when they match. */
-static int intern(fg_graph *g, fg_intern *t, const unsigned char *s, size_t len, int32_t *id,
-                  int *fresh)
+/* The id of s, added if new; *fresh says which. A probe reads one slot and,
+ * when the hash matches, the arena bytes right after the id: about two cache
+ * misses per lookup in a table far larger than the caches. */
+static int intern_h(fg_graph *g, fg_intern *t, const unsigned char *s, size_t len, uint64_t h,
+                    int32_t *id, int *fresh)
 {
-    if (len > UINT32_MAX || t->n >= INT32_MAX) return FG_OTHER;
+    if (len > MAX_LEN || t->n >= INT32_MAX) return FG_OTHER;
     if ((t->n + 1) * 2 > t->nslots) TRY(intern_rehash(t));
-    uint64_t h = hash_bytes(s, len);
     size_t j = h & (t->nslots - 1);
-    uint64_t v;
-    while ((v = t->slots[j]) != 0) {
-        if (HI(v) == HI(h)) {
-            size_t i = (uint32_t)v - 1;
-            if (t->len[i] == len && memcmp(g->arena + t->off[i], s, len) == 0) {
-                *id = (int32_t)i;
+    uint64_t loc;
+    while ((loc = t->slots[j].loc) != 0) {
+        if (t->slots[j].hash == h && (loc & MAX_LEN) == len) {
+            const char *at = g->arena + (loc >> 24);
+            if (memcmp(at, s, len) == 0) {
+                int32_t v;
+                memcpy(&v, at - sizeof v, sizeof v);
+                *id = v;
                 if (fresh) *fresh = 0;
                 return 0;
             }
@@ -127,17 +130,54 @@ static int intern(fg_graph *g, fg_intern *t, const unsigned char *s, size_t len,
         uint32_t *ln = realloc(t->len, c * sizeof *ln);
         if (!ln) return FG_NOMEM;
         t->len = ln;
-        uint64_t *hs = realloc(t->hash, c * sizeof *hs);
-        if (!hs) return FG_NOMEM;
-        t->hash = hs;
         t->cap = c;
     }
-    TRY(arena_put(g, s, len, &t->off[t->n]));
+    int32_t v = (int32_t)t->n;
+    uint64_t o;
+    TRY(arena_put(g, (const unsigned char *)&v, sizeof v, &o));
+    TRY(arena_put(g, s, len, &o));
+    if (o >= (1ull << 40)) return FG_OTHER;
+    t->off[t->n] = o;
     t->len[t->n] = (uint32_t)len;
-    t->hash[t->n] = h;
-    t->slots[j] = HI(h) | (t->n + 1);
+    t->slots[j].hash = h;
+    t->slots[j].loc = (o << 24) | len;
     *id = (int32_t)t->n++;
     if (fresh) *fresh = 1;
+    return 0;
+}
+
+static int intern(fg_graph *g, fg_intern *t, const unsigned char *s, size_t len, int32_t *id,
+                  int *fresh)
+{
+    return intern_h(g, t, s, len, hash_bytes(s, len), id, fresh);
+}
+
+/* References waiting to be interned together: their table slots and strings are
+ * prefetched first, so the cache misses of one node's references overlap. */
+#define BATCH 32
+typedef struct {
+    const unsigned char *s;
+    size_t len;
+    uint64_t h;
+} pending;
+
+static int flush_refs(fg_graph *g, pending *b, size_t k)
+{
+    fg_intern *t = &g->names;
+    if (!k) return 0;
+    if ((t->n + k + 1) * 2 > t->nslots) TRY(intern_rehash(t));
+    size_t mask = t->nslots - 1;
+    for (size_t i = 0; i < k; i++) {
+        b[i].h = hash_bytes(b[i].s, b[i].len);
+        __builtin_prefetch(&t->slots[b[i].h & mask]);
+    }
+    for (size_t i = 0; i < k; i++) {
+        const fg_slot *sl = &t->slots[b[i].h & mask];
+        if (sl->hash == b[i].h) __builtin_prefetch(g->arena + (sl->loc >> 24));
+    }
+    TRY(grow((void **)&g->refs, &g->refs_cap, g->nrefs + k, sizeof *g->refs));
+    for (size_t i = 0; i < k; i++)
+        TRY(intern_h(g, t, b[i].s, b[i].len, b[i].h, &g->refs[g->nrefs++], NULL));
     return 0;
 }
 
@@ -145,7 +185,6 @@ static void intern_free(fg_intern *t)
 {
     free(t->off);
     free(t->len);
-    free(t->hash);
     free(t->slots);
     memset(t, 0, sizeof *t);
 }
@@ -482,19 +521,34 @@ static int node(P *s, int32_t path_id, int *had_info)
                 if (peek(s) == ']') {
                     s->p++;
                 } else {
+                    pending batch[BATCH];
+                    size_t k = 0;
                     for (;;) {
                         const unsigned char *r;
                         size_t rn;
-                        int32_t id;
                         TRY(kept_string(s, &r, &rn));
-                        TRY(name_id(s, r, rn, dict, &id));
-                        TRY(grow((void **)&g->refs, &g->refs_cap, g->nrefs + 1, sizeof *g->refs));
-                        g->refs[g->nrefs++] = id;
+                        if (dict && (rn == 0 || r[0] != '/')) { /* a base name: joined */
+                            int32_t id;
+                            TRY(flush_refs(g, batch, k));
+                            k = 0;
+                            TRY(name_id(s, r, rn, 1, &id));
+                            TRY(grow((void **)&g->refs, &g->refs_cap, g->nrefs + 1,
+                                     sizeof *g->refs));
+                            g->refs[g->nrefs++] = id;
+                        } else {
+                            batch[k].s = r;
+                            batch[k].len = rn;
+                            if (++k == BATCH) {
+                                TRY(flush_refs(g, batch, k));
+                                k = 0;
+                            }
+                        }
                         int c = peek(s);
                         s->p++;
                         if (c == ']') break;
                         if (c != ',') return FG_OTHER;
                     }
+                    TRY(flush_refs(g, batch, k));
                 }
             } else if (!dict && KEY("path")) {
                 const unsigned char *str;

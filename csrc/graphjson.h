@@ -11,13 +11,18 @@
 #define FG_OTHER 1  /* not for the fast path: use the general loader */
 #define FG_NOMEM -1
 
-/* Distinct strings, numbered in first-seen order, bytes in one arena. */
+/* Distinct strings, numbered in first-seen order, bytes in one arena (each
+ * string preceded by its id, so a probe that matches finds both in one line). */
+typedef struct {
+    uint64_t hash;
+    uint64_t loc; /* arena offset of the string << 24 | its length; 0 = empty */
+} fg_slot;
+
 typedef struct {
     uint64_t *off;
     uint32_t *len;
-    uint64_t *hash;
     size_t n, cap;
-    uint64_t *slots; /* high 32 bits of the hash | id + 1; 0 = empty */
+    fg_slot *slots;
     size_t nslots;
 } fg_intern;
 
