@@ -205,6 +205,7 @@ void fg_free(fg_graph *g)
     free(g->drv_len);
     free(g->ref_count);
     free(g->refs);
+    free(g->listed);
     free(g->tmp);
     memset(g, 0, sizeof *g);
 }
@@ -752,6 +753,17 @@ static int top_object(P *s, const char *key, size_t key_len)
     return 0;
 }
 
+/* Every path one name under the store dir; the sizes add up below 2^63. */
+static int check_columns(const fg_graph *g)
+{
+    for (size_t i = 0; i < g->n; i++)
+        if (check_path(g, g->path_id[i])) return FG_OTHER;
+    int64_t total = 0;
+    for (size_t i = 0; i < g->n; i++)
+        if (__builtin_add_overflow(total, g->nar_size[i], &total)) return FG_OTHER;
+    return 0;
+}
+
 int fg_parse(fg_graph *g, const unsigned char *buf, size_t len, const char *key, size_t key_len,
              int madv)
 {
@@ -772,10 +784,139 @@ int fg_parse(fg_graph *g, const unsigned char *buf, size_t len, const char *key,
     }
     if (rc) return rc;
     if (peek(&s) != -1) return FG_OTHER;
-    for (size_t i = 0; i < g->n; i++)
-        if (check_path(g, g->path_id[i])) return FG_OTHER;
-    int64_t total = 0;
-    for (size_t i = 0; i < g->n; i++)
-        if (__builtin_add_overflow(total, g->nar_size[i], &total)) return FG_OTHER;
+    return check_columns(g);
+}
+
+/* --- closureInfo ------------------------------------------------------------ */
+
+typedef struct {
+    const unsigned char *p, *end;
+} lines;
+
+/* The next '\n'-terminated line (the last may lack it); FG_OTHER past the end
+ * or on a byte that is not printable ASCII. */
+static int next_line(lines *L, const unsigned char **s, size_t *n)
+{
+    if (L->p >= L->end) return FG_OTHER;
+    const unsigned char *q = L->p;
+    while (q < L->end && *q != '\n') {
+        if (*q < 0x20 || *q > 0x7e) return FG_OTHER;
+        q++;
+    }
+    *s = L->p;
+    *n = (size_t)(q - L->p);
+    L->p = q < L->end ? q + 1 : q;
     return 0;
+}
+
+static int line_int(const unsigned char *s, size_t n, int64_t *out)
+{
+    uint64_t v = 0;
+    if (n == 0 || n > 18) return FG_OTHER; /* below 2^63 without overflow checks */
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9') return FG_OTHER;
+        v = v * 10 + (uint64_t)(s[i] - '0');
+    }
+    *out = (int64_t)v;
+    return 0;
+}
+
+static int push_node(fg_graph *g, int32_t path_id, int64_t nar_size, int64_t hash_off,
+                     uint32_t hash_len, int64_t drv_off, uint32_t drv_len, int64_t nrefs)
+{
+    if (g->n == g->cap) {
+        size_t c = g->cap ? g->cap * 2 : 4096;
+#define RE(f)                                                   \
+        do {                                                    \
+            void *q_ = realloc(g->f, c * sizeof *g->f);         \
+            if (!q_) return FG_NOMEM;                           \
+            g->f = q_;                                          \
+        } while (0)
+        RE(path_id);
+        RE(nar_size);
+        RE(closure_size);
+        RE(hash_off);
+        RE(drv_off);
+        RE(hash_len);
+        RE(drv_len);
+        RE(ref_count);
+#undef RE
+        g->cap = c;
+    }
+    size_t i = g->n++;
+    g->path_id[i] = path_id;
+    g->nar_size[i] = nar_size;
+    g->closure_size[i] = -1;
+    g->hash_off[i] = hash_off;
+    g->hash_len[i] = hash_len;
+    g->drv_off[i] = drv_off;
+    g->drv_len[i] = drv_len;
+    g->ref_count[i] = nrefs;
+    return 0;
+}
+
+int fg_parse_closure_info(fg_graph *g, const unsigned char *reg, size_t reg_len,
+                          const unsigned char *sp, size_t sp_len)
+{
+    lines L = {reg, reg + reg_len};
+    const unsigned char *s;
+    size_t n;
+    g->all_closure = 0;
+    /* As `text.split("\n")`: a text ending in '\n' has a last, empty line. */
+    while (L.p < L.end) {
+        if (*L.p == '\n') { /* empty lines between records */
+            L.p++;
+            continue;
+        }
+        int32_t path_id;
+        int64_t nar_size = 0, hash_off = -1, drv_off = -1, count;
+        uint32_t hash_len = 0, drv_len = 0;
+        TRY(next_line(&L, &s, &n));
+        TRY(intern(g, &g->names, s, n, &path_id, NULL));
+        TRY(next_line(&L, &s, &n));
+        /* With hashes, the line after the path is `algo:digest`; without, a deriver. */
+        if (memchr(s, ':', n) && !(n && s[0] == '/')) {
+            uint64_t o;
+            TRY(arena_put(g, s, n, &o));
+            hash_off = (int64_t)o;
+            hash_len = (uint32_t)n;
+            TRY(next_line(&L, &s, &n));
+            TRY(line_int(s, n, &nar_size));
+            TRY(next_line(&L, &s, &n));
+        }
+        if (n) {
+            uint64_t o;
+            TRY(arena_put(g, s, n, &o));
+            drv_off = (int64_t)o;
+            drv_len = (uint32_t)n;
+        }
+        TRY(next_line(&L, &s, &n));
+        TRY(line_int(s, n, &count));
+        for (int64_t k = 0; k < count; k++) {
+            int32_t id;
+            TRY(next_line(&L, &s, &n));
+            TRY(intern(g, &g->names, s, n, &id, NULL));
+            TRY(grow((void **)&g->refs, &g->refs_cap, g->nrefs + 1, sizeof *g->refs));
+            g->refs[g->nrefs++] = id;
+        }
+        TRY(push_node(g, path_id, nar_size, hash_off, hash_len, drv_off, drv_len, count));
+    }
+    /* store-paths, split on what str.split() calls whitespace in ASCII */
+    const unsigned char *q = sp, *e = sp + sp_len;
+    while (q < e) {
+        unsigned char c = *q;
+        if (c == ' ' || (c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x1f)) {
+            q++;
+            continue;
+        }
+        const unsigned char *a = q;
+        while (q < e && *q > 0x20 && *q < 0x7f) q++;
+        if (q < e && !(*q == ' ' || (*q >= 0x09 && *q <= 0x0d) || (*q >= 0x1c && *q <= 0x1f)))
+            return FG_OTHER; /* control or non-ASCII byte */
+        int32_t id;
+        TRY(intern(g, &g->names, a, (size_t)(q - a), &id, NULL));
+        TRY(grow((void **)&g->listed, &g->listed_cap, g->nlisted + 1, sizeof *g->listed));
+        g->listed[g->nlisted++] = id;
+    }
+    return check_columns(g);
 }

@@ -41,6 +41,8 @@ typedef struct {
     int64_t *ref_count;
     int32_t *refs; /* name ids */
     size_t nrefs, refs_cap;
+    int32_t *listed; /* closureInfo: name ids of store-paths */
+    size_t nlisted, listed_cap;
     int all_closure;
     /* inputs */
     const char *store_dir; /* prefixed to base names (path-info dict form) */
@@ -60,5 +62,10 @@ void fg_free(fg_graph *g);
  * parser are dropped from memory as it goes). key: the attrs key, or NULL. */
 int fg_parse(fg_graph *g, const unsigned char *buf, size_t len, const char *key, size_t key_len,
              int madv);
+
+/* A closureInfo: `registration` (nix-store --load-db records) into the nodes,
+ * `store-paths` (whitespace-separated) into `listed`. */
+int fg_parse_closure_info(fg_graph *g, const unsigned char *reg, size_t reg_len,
+                          const unsigned char *sp, size_t sp_len);
 
 #endif

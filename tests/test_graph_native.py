@@ -185,3 +185,68 @@ def test_store_dir_with_trailing_slash(tmp_path):
         load_graph(f, store_dir="/nix/store/")
     assert str(e.value) == msg
     assert load_graph(f, store_dir="/nix/store").indices.tolist() == [1, 2, 2]
+
+
+REG_MODERN = (
+    f"{A}\nsha256:a\n10\n{A}.drv\n2\n{B}\n{C}\n"
+    f"{B}\nsha256:b\n20\n\n1\n{C}\n{C}\nsha256:c\n30\n\n0\n"
+)
+REG_LEGACY = f"{A}\n\n2\n{B}\n{C}\n{B}\n\n1\n{C}\n{C}\n\n0\n"
+ALL = f"{A}\n{B}\n{C}\n"
+
+CLOSURE_INFOS = [
+    (REG_MODERN, ALL),
+    (REG_LEGACY, ALL),
+    ("\n\n" + REG_LEGACY + "\n\n", f" {C}\t{B}\x0b{A}\x1c"),
+    (REG_LEGACY, f"{A}\n{A}\n{B}\n{C}\n"),  # a repeat in store-paths
+    (REG_LEGACY, f"{A}\n{A}\n{B}\n"),  # as many, but C unlisted: accepted as today
+    (REG_LEGACY, f"{A}\n{B}\n"),
+    (REG_LEGACY, f"{A}\n{B}\n{C}\n/nix/store/ddd-x\n"),
+    (REG_LEGACY.rstrip("\n"), ALL),
+    (REG_LEGACY[:-3], ALL),
+    (f"{A}\nsha256:a\n+10\n\n0\n", A),
+    (f"{A}\nsha256:a\n010\n\n0\n", A),
+    (f"{A}\nsha256:a\n99999999999999999999\n\n0\n", A),
+    (f"{A}\nsha256:a\n9223372036854775807\n\n0\n{B}\n\n0\n", f"{A} {B}"),
+    (f"{A}\n\n-1\n", A),
+    (f"{A}\n\n1\n/nix/store/zzz\n", A),
+    (f"{A}\n\n0\n{A}\n\n0\n", A),
+    (f"{A}\n\n1\n{B}\n{B}\n\n1\n{A}\n", f"{A} {B}"),
+    ("/nix/store/a\u00e9\n\n0\n", "/nix/store/a\u00e9"),
+    (f"{A}\r\n\n0\n", A),
+    ("/tmp/x\n\n0\n", "/tmp/x"),
+    ("", ""),
+]
+
+
+def closure_info_outcome(d, native: bool, monkeypatch):
+    from fastlayer import graph
+
+    with monkeypatch.context() as m:
+        if not native:
+            m.setattr(graph, "_closure_info_native", lambda *a: None)
+        try:
+            g = load_graph(d)
+        except FastlayerError as e:
+            return str(e)
+    return (
+        g.names,
+        g.indptr.tolist(),
+        g.indices.tolist(),
+        g.nar_size.tolist(),
+        g.nar_hash,
+        g.deriver,
+    )
+
+
+@pytest.mark.parametrize("i", range(len(CLOSURE_INFOS)))
+def test_closure_info_matches_the_general_loader(tmp_path, monkeypatch, i):
+    reg, paths = CLOSURE_INFOS[i]
+    (tmp_path / "registration").write_text(reg)
+    (tmp_path / "store-paths").write_text(paths)
+    got = closure_info_outcome(tmp_path, True, monkeypatch)
+    assert got == closure_info_outcome(tmp_path, False, monkeypatch)
+    if i < 5:  # the well-formed ones are read natively
+        cols = graphload.parse_closure_info(reg.encode(), paths.encode(), S.encode())
+        assert cols is not None and cols[0] == [A, B, C]
+        assert got[1:3] == ([0, 2, 3, 3], [1, 2, 2])

@@ -298,7 +298,7 @@ def _load_native(f: Any, key: str | None, store_dir: str, source: str) -> Closur
     """The common case, parsed natively from a read-only mapping of the file into
     the CSR arrays (no Python object per reference). None for anything else,
     including every error: the general loader below then names the culprit."""
-    from fastlayer._native import graphload, rank
+    from fastlayer._native import graphload
 
     prefix = store_dir.rstrip("/") + "/"
     if not (store_dir.isascii() and store_dir.isprintable()):
@@ -315,6 +315,13 @@ def _load_native(f: Any, key: str | None, store_dir: str, source: str) -> Closur
                 prefix.encode(),
                 drop_pages=True,
             )
+    return _native_graph(cols, store_dir, source)
+
+
+def _native_graph(cols: tuple | None, store_dir: str, source: str) -> ClosureGraph | None:
+    """A graph from graphload's columns (None passes through)."""
+    from fastlayer._native import rank
+
     if cols is None:
         return None
     names, counts, refs, nar_size, hashes, closure_size, derivers = cols
@@ -444,6 +451,9 @@ def _from_path_info_dict(data: dict[str, Any], store_dir: str | None, source: st
 
 def _load_closure_info(path: Path, store_dir: str) -> ClosureGraph:
     source = str(path)
+    graph = _closure_info_native(path, store_dir, source)
+    if graph is not None:
+        return graph
     store_paths = _read_text(path / "store-paths", source).split()
     lines = _read_text(path / "registration", source).split("\n")
     nodes = list(_parse_registration(lines, source))
@@ -456,6 +466,25 @@ def _load_closure_info(path: Path, store_dir: str) -> ClosureGraph:
         if extra is not None:
             raise FastlayerError(f"{source}: {extra} is registered but not in store-paths")
     return ClosureGraph.from_nodes(nodes, store_dir=store_dir, source=source)
+
+
+def _closure_info_native(path: Path, store_dir: str, source: str) -> ClosureGraph | None:
+    """The common case natively (see `_load_native`); None for anything else."""
+    from fastlayer._native import graphload
+
+    if not (store_dir.isascii() and store_dir.isprintable()):
+        return None
+    try:
+        with untrusted.open_regular(str(path / "registration"), "closureInfo file") as f:
+            reg = f.read()
+        with untrusted.open_regular(str(path / "store-paths"), "closureInfo file") as f:
+            paths = f.read()
+    except FastlayerError:  # the general loader says which and why
+        return None
+    prefix = store_dir.rstrip("/") + "/"
+    return _native_graph(
+        graphload.parse_closure_info(reg, paths, prefix.encode()), store_dir, source
+    )
 
 
 def _read_text(file: Path, source: str) -> str:

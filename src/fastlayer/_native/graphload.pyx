@@ -13,7 +13,7 @@ import numpy as np
 cimport numpy as cnp
 from cpython.unicode cimport PyUnicode_DecodeLatin1
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 
 cnp.import_array()
 
@@ -38,6 +38,8 @@ cdef extern from "graphjson.h":
         int64_t *ref_count
         int32_t *refs
         size_t nrefs
+        int32_t *listed
+        size_t nlisted
         int all_closure
         const char *store_dir
         size_t store_dir_len
@@ -49,6 +51,8 @@ cdef extern from "graphjson.h":
     void fg_free(fg_graph *g) nogil
     int fg_parse(fg_graph *g, const unsigned char *buf, size_t len, const char *key,
                  size_t key_len, int madv) nogil
+    int fg_parse_closure_info(fg_graph *g, const unsigned char *reg, size_t reg_len,
+                              const unsigned char *sp, size_t sp_len) nogil
 
 
 cdef list _strings(const char *arena, const int64_t *off, const uint32_t *length, size_t n):
@@ -83,15 +87,42 @@ def parse(const unsigned char[::1] buf, key, bytes store_dir, bytes check_prefix
     g.store_dir_len = len(store_dir)
     g.check_prefix = check_prefix
     g.check_prefix_len = len(check_prefix)
-    cdef int32_t *row_of = NULL
     try:
         with nogil:
             rc = fg_parse(&g, &buf[0], m, key_p, key_n, drop_pages)
-        if rc == FG_NOMEM:
-            raise MemoryError()
-        if rc != FG_OK:
-            return None
-        n = g.n
+        return _result(&g, rc)
+    finally:
+        fg_free(&g)
+
+
+def parse_closure_info(const unsigned char[::1] registration,
+                       const unsigned char[::1] store_paths, bytes check_prefix):
+    """A closureInfo's two files, as `parse` returns them, or None (anything
+    else, including every error: store-paths and registration disagreeing)."""
+    cdef fg_graph g
+    cdef int rc
+    cdef size_t rn = registration.shape[0], sn = store_paths.shape[0]
+    cdef const unsigned char *rp = &registration[0] if rn else <const unsigned char *>b""
+    cdef const unsigned char *sp = &store_paths[0] if sn else <const unsigned char *>b""
+    fg_init(&g)
+    g.check_prefix = check_prefix
+    g.check_prefix_len = len(check_prefix)
+    try:
+        with nogil:
+            rc = fg_parse_closure_info(&g, rp, rn, sp, sn)
+        return _result(&g, rc, True)
+    finally:
+        fg_free(&g)
+
+
+cdef _result(fg_graph *g, int rc, bint closure_info=False):
+    cdef size_t i, n = g.n
+    cdef int32_t *row_of = NULL
+    if rc == FG_NOMEM:
+        raise MemoryError()
+    if rc != FG_OK:
+        return None
+    try:
         row_of = <int32_t *>malloc((g.names.n + 1) * sizeof(int32_t))
         if row_of == NULL:
             raise MemoryError()
@@ -99,8 +130,10 @@ def parse(const unsigned char[::1] buf, key, bytes store_dir, bytes check_prefix
         cols_arr = np.empty(g.nrefs, dtype=np.int32)
         sizes_arr = np.empty(n, dtype=np.int64)
         closure_arr = np.empty(n, dtype=np.int64) if g.all_closure and n else None
-        if not _columns(&g, row_of, counts_arr, cols_arr, sizes_arr, closure_arr):
+        if not _columns(g, row_of, counts_arr, cols_arr, sizes_arr, closure_arr):
             return None  # a duplicate or dangling path
+        if closure_info and not _listed_match(g, row_of):
+            return None
         names = [None] * n
         for i in range(n):
             k = g.path_id[i]
@@ -110,7 +143,27 @@ def parse(const unsigned char[::1] buf, key, bytes store_dir, bytes check_prefix
         return names, counts_arr, cols_arr, sizes_arr, hashes, closure_arr, derivers
     finally:
         free(row_of)
-        fg_free(&g)
+
+
+cdef bint _listed_match(fg_graph *g, int32_t *row_of):
+    """What the general loader accepts: every store-paths entry registered, and
+    (when the counts differ) every registered path listed."""
+    cdef size_t i, covered = 0
+    cdef int32_t r
+    cdef char *seen = <char *>calloc(g.n + 1, 1)
+    if seen == NULL:
+        raise MemoryError()
+    try:
+        for i in range(g.nlisted):
+            r = row_of[g.listed[i]]
+            if r < 0:
+                return False
+            if not seen[r]:
+                seen[r] = 1
+                covered += 1
+        return g.nlisted == g.n or covered == g.n
+    finally:
+        free(seen)
 
 
 cdef bint _columns(fg_graph *g, int32_t *row_of, int64_t[::1] counts, int32_t[::1] cols,
