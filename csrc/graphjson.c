@@ -485,13 +485,12 @@ static void drop_behind(P *s)
     fg_graph *g = s->g;
     if (!g->base) return;
     size_t at = (size_t)(s->p - g->base);
-    if (at - g->dropped < DROP_EVERY) return;
+    if (at < g->dropped + DROP_EVERY) return;
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    size_t upto = (at / page) * page;
-    if (upto > g->dropped) {
-        madvise((void *)(g->base + g->dropped), upto - g->dropped, MADV_DONTNEED);
-        g->dropped = upto;
-    }
+    /* base + dropped is page-aligned; drop whole pages up to the parser */
+    size_t upto = g->dropped + (at - g->dropped) / page * page;
+    madvise((void *)(g->base + g->dropped), upto - g->dropped, MADV_DONTNEED);
+    g->dropped = upto;
 }
 
 /* One node object. path_id >= 0: the path was its key (dict form, base names
@@ -710,10 +709,10 @@ static int top_object(P *s, const char *key, size_t key_len)
         } else if (first && peek(s) == '{') {
             /* A path-info dict if this member looks like one; else an attrs file. */
             int32_t id;
-            int had_info = 0;
+            int had_info = 0, slash = kn && k[0] == '/'; /* k's page may go in node() */
             TRY(name_id(s, k, kn, 1, &id));
             TRY(node(s, id, &had_info));
-            if (kn && k[0] == '/') had_info = 1;
+            if (slash) had_info = 1;
             if (had_info) return path_info_rest(s);
             unparse_nodes(g);
         } else if (first && kn && k[0] == '/') {
@@ -771,6 +770,8 @@ int fg_parse(fg_graph *g, const unsigned char *buf, size_t len, const char *key,
     g->all_closure = 1;
     g->base = madv ? buf : NULL;
     g->base_len = len;
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    g->dropped = (page - (uintptr_t)buf % page) % page; /* the first whole page */
     int c = peek(&s);
     int rc;
     if (c == '[') {

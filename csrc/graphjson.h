@@ -58,8 +58,9 @@ typedef struct {
 void fg_init(fg_graph *g);
 void fg_free(fg_graph *g);
 
-/* Parse buf (a whole file; page-aligned if madv is set, then pages behind the
- * parser are dropped from memory as it goes). key: the attrs key, or NULL. */
+/* Parse buf (a whole file). madv: buf is private memory the caller discards
+ * afterwards, whose pages behind the parser may be dropped (zeroed) as it goes.
+ * key: the attrs key, or NULL. */
 int fg_parse(fg_graph *g, const unsigned char *buf, size_t len, const char *key, size_t key_len,
              int madv);
 

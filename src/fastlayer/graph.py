@@ -15,7 +15,6 @@ ascending id order. Every error is one line naming the culprit.
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -295,26 +294,32 @@ def load_graph(
 
 
 def _load_native(f: Any, key: str | None, store_dir: str, source: str) -> ClosureGraph | None:
-    """The common case, parsed natively from a read-only mapping of the file into
-    the CSR arrays (no Python object per reference). None for anything else,
-    including every error: the general loader below then names the culprit."""
+    """The common case, parsed natively into the CSR arrays (no Python object per
+    reference). None for anything else, including every error: the general
+    loader then reads the file again and names the culprit. The file is read,
+    not mapped: a file truncated while mapped would kill the process (SIGBUS)."""
     from fastlayer._native import graphload
 
     prefix = store_dir.rstrip("/") + "/"
     if not (store_dir.isascii() and store_dir.isprintable()):
         return None
-    size = os.fstat(f.fileno()).st_size
-    if size == 0:
+    buf = bytearray(os.fstat(f.fileno()).st_size)
+    got = f.readinto(buf) or 0
+    if got < len(buf):  # it shrank: read by the general loader
+        f.seek(0)
         return None
-    with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
-        with memoryview(m) as view:
-            cols = graphload.parse(
-                view,
-                None if key is None else key.encode(),
-                store_dir.encode(),
-                prefix.encode(),
-                drop_pages=True,
-            )
+    # The parser drops pages of buf behind it (keeps peak memory near one copy
+    # of the file); buf is not used again.
+    cols = graphload.parse(
+        buf,
+        None if key is None else key.encode(),
+        store_dir.encode(),
+        prefix.encode(),
+        drop_pages=True,
+    )
+    del buf
+    if cols is None:
+        f.seek(0)
     return _native_graph(cols, store_dir, source)
 
 

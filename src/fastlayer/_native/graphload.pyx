@@ -70,8 +70,9 @@ def parse(const unsigned char[::1] buf, key, bytes store_dir, bytes check_prefix
 
     key: bytes or None. Rows are paths in file order; `cols` holds each row's
     references as row ids, `counts` how many per row (not yet deduplicated).
-    drop_pages: buf is a page-aligned mapping whose pages may be dropped once
-    parsed (keeps peak memory down on large files)."""
+    drop_pages: buf is private memory the caller discards afterwards; its
+    pages are dropped (zeroed) once parsed, so a large file is in memory about
+    once, not once plus its parse."""
     cdef fg_graph g
     cdef const char *key_p = NULL
     cdef size_t key_n = 0
