@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #define MAX_DEPTH 512
@@ -60,10 +61,12 @@ static int arena_put(fg_graph *g, const unsigned char *s, size_t len, uint64_t *
 
 /* --- interning ------------------------------------------------------------ */
 
-static uint64_t hash_bytes(const unsigned char *s, size_t len)
+/* Seeded per parse (see fg_parse); a crafted file that still piles up probes
+ * meets MAX_PROBES and goes to the general loader (SipHash dicts). */
+static uint64_t hash_bytes(uint64_t seed, const unsigned char *s, size_t len)
 {
     const uint64_t k = 0x9E3779B97F4A7C15ull;
-    uint64_t h = 0x243F6A8885A308D3ull ^ (len * k);
+    uint64_t h = seed ^ (len * k);
     size_t i = 0;
     for (; i + 8 <= len; i += 8) {
         uint64_t w;
@@ -81,6 +84,7 @@ static uint64_t hash_bytes(const unsigned char *s, size_t len)
 }
 
 #define MAX_LEN ((1u << 24) - 1)
+#define MAX_PROBES 256 /* at load <= 1/2, random hashes need a handful */
 
 static int intern_rehash(fg_intern *t)
 {
@@ -109,7 +113,9 @@ static int intern_h(fg_graph *g, fg_intern *t, const unsigned char *s, size_t le
     if ((t->n + 1) * 2 > t->nslots) TRY(intern_rehash(t));
     size_t j = h & (t->nslots - 1);
     uint64_t loc;
+    size_t probes = 0;
     while ((loc = t->slots[j].loc) != 0) {
+        if (++probes > MAX_PROBES) return FG_OTHER;
         if (t->slots[j].hash == h && (loc & MAX_LEN) == len) {
             const char *at = g->arena + (loc >> 24);
             if (memcmp(at, s, len) == 0) {
@@ -149,7 +155,7 @@ static int intern_h(fg_graph *g, fg_intern *t, const unsigned char *s, size_t le
 static int intern(fg_graph *g, fg_intern *t, const unsigned char *s, size_t len, int32_t *id,
                   int *fresh)
 {
-    return intern_h(g, t, s, len, hash_bytes(s, len), id, fresh);
+    return intern_h(g, t, s, len, hash_bytes(g->seed, s, len), id, fresh);
 }
 
 /* References waiting to be interned together: their table slots and strings are
@@ -168,7 +174,7 @@ static int flush_refs(fg_graph *g, pending *b, size_t k)
     if ((t->n + k + 1) * 2 > t->nslots) TRY(intern_rehash(t));
     size_t mask = t->nslots - 1;
     for (size_t i = 0; i < k; i++) {
-        b[i].h = hash_bytes(b[i].s, b[i].len);
+        b[i].h = hash_bytes(g->seed, b[i].s, b[i].len);
         __builtin_prefetch(&t->slots[b[i].h & mask]);
     }
     for (size_t i = 0; i < k; i++) {
@@ -189,7 +195,12 @@ static void intern_free(fg_intern *t)
     memset(t, 0, sizeof *t);
 }
 
-void fg_init(fg_graph *g) { memset(g, 0, sizeof *g); }
+void fg_init(fg_graph *g)
+{
+    memset(g, 0, sizeof *g);
+    if (getrandom(&g->seed, sizeof g->seed, GRND_NONBLOCK) != (ssize_t)sizeof g->seed)
+        g->seed = (uint64_t)(uintptr_t)g ^ 0x243F6A8885A308D3ull; /* ASLR at least */
+}
 
 void fg_free(fg_graph *g)
 {

@@ -53,6 +53,7 @@ typedef struct {
     size_t base_len, dropped;
     char *tmp;
     size_t tmp_cap;
+    uint64_t seed; /* of the string hash */
 } fg_graph;
 
 void fg_init(fg_graph *g);
