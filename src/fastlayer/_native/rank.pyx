@@ -559,7 +559,8 @@ cdef extern from "Python.h":
 
 
 ctypedef struct tie_item:
-    uint64_t head   # the key's first 8 bytes, big-endian: most compares end here
+    uint64_t head   # the key's first 16 bytes, big-endian: most compares end here
+    uint64_t head2
     int64_t off     # the whole key in the buffer
     int64_t len
     int64_t idx
@@ -572,6 +573,8 @@ cdef int _tie_cmp(const void *pa, const void *pb, void *arg) noexcept nogil:
     cdef int c
     if a.head != b.head:
         return -1 if a.head < b.head else 1
+    if a.head2 != b.head2:
+        return -1 if a.head2 < b.head2 else 1
     c = memcmp(buf + a.off, buf + b.off, min(a.len, b.len))
     if c == 0:
         if a.len != b.len:
@@ -615,9 +618,12 @@ def tie_ranks(list names):
             items[i].len = ln
             items[i].idx = i
             items[i].head = 0
+            items[i].head2 = 0
             for k in range(8):
                 items[i].head = (items[i].head << 8) | (
                     <unsigned char>buf[pos + k] if k < ln else 0)
+                items[i].head2 = (items[i].head2 << 8) | (
+                    <unsigned char>buf[pos + 8 + k] if k + 8 < ln else 0)
             pos += ln
         with nogil:
             qsort_r(items, n, sizeof(tie_item), _tie_cmp, buf)
