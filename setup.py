@@ -12,6 +12,7 @@ NATIVE = Path("src/fastlayer/_native")
 # Extra C sources per kernel; a kernel not listed is pure Cython.
 C_SOURCES = {
     "tarstream": ["csrc/walk.c", "csrc/tarhdr.c"],
+    "graphload": ["csrc/graphjson.c"],
 }
 
 extensions = [

@@ -285,9 +285,64 @@ def load_graph(
     # No size cap (real graphs pass 80 MB), but a fifo or device is refused by
     # type; no depth walk either: the loader checks every value's type anyway.
     with untrusted.open_regular(name, "graph") as f:
+        graph = _load_native(f, key, store_dir or default_store_dir(), name)
+        if graph is not None:
+            return graph
         raw = f.read()
     data = untrusted.parse_json(raw, f"malformed JSON in {name}", max_depth=None)
     return graph_from_json(data, key=key, store_dir=store_dir, source=name)
+
+
+def _load_native(f: Any, key: str | None, store_dir: str, source: str) -> ClosureGraph | None:
+    """The common case, parsed natively into the CSR arrays (no Python object per
+    reference). None for anything else, including every error: the general
+    loader then reads the file again and names the culprit. The file is read,
+    not mapped: a file truncated while mapped would kill the process (SIGBUS)."""
+    from fastlayer._native import graphload
+
+    prefix = store_dir.rstrip("/") + "/"
+    if not (store_dir.isascii() and store_dir.isprintable()):
+        return None
+    buf = bytearray(os.fstat(f.fileno()).st_size)
+    got = f.readinto(buf) or 0
+    if got < len(buf):  # it shrank: read by the general loader
+        f.seek(0)
+        return None
+    # The parser drops pages of buf behind it (keeps peak memory near one copy
+    # of the file); buf is not used again.
+    cols = graphload.parse(
+        buf,
+        None if key is None else key.encode(),
+        store_dir.encode(),
+        prefix.encode(),
+        drop_pages=True,
+    )
+    del buf
+    if cols is None:
+        f.seek(0)
+    return _native_graph(cols, store_dir, source)
+
+
+def _native_graph(cols: tuple | None, store_dir: str, source: str) -> ClosureGraph | None:
+    """A graph from graphload's columns (None passes through)."""
+    from fastlayer._native import rank
+
+    if cols is None:
+        return None
+    names, counts, refs, nar_size, hashes, closure_size, derivers = cols
+    indptr, indices = rank.clean_rows(counts, refs)
+    graph = ClosureGraph(
+        names=names,
+        indptr=indptr,
+        indices=indices,
+        nar_size=nar_size,
+        nar_hash=hashes,
+        closure_size=closure_size,
+        deriver=derivers if any(d is not None for d in derivers) else None,
+        store_dir=store_dir,
+    )
+    _check_acyclic(graph, source)
+    return graph
 
 
 def graph_from_json(
@@ -401,6 +456,9 @@ def _from_path_info_dict(data: dict[str, Any], store_dir: str | None, source: st
 
 def _load_closure_info(path: Path, store_dir: str) -> ClosureGraph:
     source = str(path)
+    graph = _closure_info_native(path, store_dir, source)
+    if graph is not None:
+        return graph
     store_paths = _read_text(path / "store-paths", source).split()
     lines = _read_text(path / "registration", source).split("\n")
     nodes = list(_parse_registration(lines, source))
@@ -413,6 +471,25 @@ def _load_closure_info(path: Path, store_dir: str) -> ClosureGraph:
         if extra is not None:
             raise FastlayerError(f"{source}: {extra} is registered but not in store-paths")
     return ClosureGraph.from_nodes(nodes, store_dir=store_dir, source=source)
+
+
+def _closure_info_native(path: Path, store_dir: str, source: str) -> ClosureGraph | None:
+    """The common case natively (see `_load_native`); None for anything else."""
+    from fastlayer._native import graphload
+
+    if not (store_dir.isascii() and store_dir.isprintable()):
+        return None
+    try:
+        with untrusted.open_regular(str(path / "registration"), "closureInfo file") as f:
+            reg = f.read()
+        with untrusted.open_regular(str(path / "store-paths"), "closureInfo file") as f:
+            paths = f.read()
+    except FastlayerError:  # the general loader says which and why
+        return None
+    prefix = store_dir.rstrip("/") + "/"
+    return _native_graph(
+        graphload.parse_closure_info(reg, paths, prefix.encode()), store_dir, source
+    )
 
 
 def _read_text(file: Path, source: str) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memset
+from libc.string cimport memchr, memcmp, memcpy, memset
 
 cnp.import_array()
 
@@ -547,3 +547,89 @@ def group_closure_sizes(const int32_t[::1] indptr, const int32_t[::1] indices,
     free(mark)
     free(stack)
     return out_arr
+
+
+cdef extern from "stdlib.h":
+    void qsort_r(void *base, size_t nmemb, size_t size,
+                 int (*compar)(const void *, const void *, void *) noexcept nogil,
+                 void *arg) nogil
+
+cdef extern from "Python.h":
+    const char *PyUnicode_AsUTF8AndSize(object s, Py_ssize_t *size) except NULL
+
+
+ctypedef struct tie_item:
+    uint64_t head   # the key's first 16 bytes, big-endian: most compares end here
+    uint64_t head2
+    int64_t off     # the whole key in the buffer
+    int64_t len
+    int64_t idx
+
+
+cdef int _tie_cmp(const void *pa, const void *pb, void *arg) noexcept nogil:
+    cdef const tie_item *a = <const tie_item *>pa
+    cdef const tie_item *b = <const tie_item *>pb
+    cdef const char *buf = <const char *>arg
+    cdef int c
+    if a.head != b.head:
+        return -1 if a.head < b.head else 1
+    if a.head2 != b.head2:
+        return -1 if a.head2 < b.head2 else 1
+    c = memcmp(buf + a.off, buf + b.off, min(a.len, b.len))
+    if c == 0:
+        if a.len != b.len:
+            return -1 if a.len < b.len else 1
+        return -1 if a.idx < b.idx else (1 if a.idx > b.idx else 0)
+    return c
+
+
+def tie_ranks(list names):
+    """Rank of each name under closure-graph.py's tie key (the leading `<hash>`
+    dash-field moved to the end), as UTF-8 bytes compare: the order of str.
+    Equal keys keep list order."""
+    cdef Py_ssize_t n = len(names), i, ln, total = 0
+    cdef const char *s
+    cdef const char *dash
+    cdef int64_t first, pos = 0, k
+    cdef tie_item *items = <tie_item *>malloc(max(n, 1) * sizeof(tie_item))
+    if items == NULL:
+        raise MemoryError()
+    for i in range(n):
+        PyUnicode_AsUTF8AndSize(names[i], &ln)
+        total += ln + 1
+    cdef char *buf = <char *>malloc(max(total, 1))
+    if buf == NULL:
+        free(items)
+        raise MemoryError()
+    cdef cnp.ndarray[int64_t, ndim=1] ranks_arr = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] ranks = ranks_arr
+    try:
+        for i in range(n):
+            s = PyUnicode_AsUTF8AndSize(names[i], &ln)
+            dash = <const char *>memchr(s, 45, ln)  # '-'
+            if dash == NULL:
+                memcpy(buf + pos, s, ln)
+            else:
+                first = dash - s
+                memcpy(buf + pos, dash + 1, ln - first - 1)
+                buf[pos + ln - first - 1] = 45
+                memcpy(buf + pos + ln - first, s, first)
+            items[i].off = pos
+            items[i].len = ln
+            items[i].idx = i
+            items[i].head = 0
+            items[i].head2 = 0
+            for k in range(8):
+                items[i].head = (items[i].head << 8) | (
+                    <unsigned char>buf[pos + k] if k < ln else 0)
+                items[i].head2 = (items[i].head2 << 8) | (
+                    <unsigned char>buf[pos + 8 + k] if k + 8 < ln else 0)
+            pos += ln
+        with nogil:
+            qsort_r(items, n, sizeof(tie_item), _tie_cmp, buf)
+            for i in range(n):
+                ranks[items[i].idx] = i
+    finally:
+        free(items)
+        free(buf)
+    return ranks_arr

@@ -10,7 +10,10 @@ on another thread, so reading and hashing overlap on two cores.
 
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy, memset, strerror
+from libc.string cimport memcmp, memcpy, memset, strerror
+
+cdef extern from "<string.h>" nogil:
+    void *memrchr(const void *s, int c, size_t n)
 from libc.errno cimport errno
 from posix.unistd cimport close, read
 from posix.fcntl cimport O_RDONLY, O_NONBLOCK, open as c_open
@@ -19,6 +22,9 @@ from posix.stat cimport S_ISREG, fstat, struct_stat
 cdef extern from "<fcntl.h>":
     int O_NOFOLLOW
     int O_CLOEXEC
+    int O_DIRECTORY
+    int O_PATH
+    int openat(int dirfd, const char *path, int flags, ...) nogil
 
 cdef extern from "<fnmatch.h>" nogil:
     int fnmatch(const char *pattern, const char *string, int flags)
@@ -129,6 +135,9 @@ cdef class LayerStream:
     cdef size_t i
     cdef int stage
     cdef int fd
+    cdef int dfd                    # the directory of the last file opened (O_PATH)
+    cdef size_t dir_len             # its path: dirbuf[:dir_len]
+    cdef char dirbuf[FL_PATH_MAX]
     cdef uint64_t left
     cdef unsigned char *hdr
     cdef size_t hdr_len, hdr_pos
@@ -142,6 +151,7 @@ cdef class LayerStream:
     def __cinit__(self):
         fl_walk_init(&self.w)
         self.fd = -1
+        self.dfd = -1
 
         self.hdr = <unsigned char *>malloc(FL_HDR_MAX)
         if self.hdr == NULL:
@@ -152,6 +162,8 @@ cdef class LayerStream:
         free(self.rules_c)
         if self.fd >= 0:
             close(self.fd)
+        if self.dfd >= 0:
+            close(self.dfd)
         fl_walk_free(&self.w)
         free(self.hdr)
 
@@ -279,17 +291,30 @@ cdef class LayerStream:
         return -1
 
     cdef int _open(self, fl_entry *e) noexcept nogil:
-        cdef struct_stat st
-        fl_entry_fs(&self.w, e, self.fsbuf)
-        self.fd = c_open(self.fsbuf, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
+        # Relative to its directory's fd, kept while files of one directory
+        # follow each other: no path walk and no stat per file. The walk's
+        # lstat is the identity the file must still have; _close checks it
+        # once, after the read.
+        cdef size_t n = fl_entry_fs(&self.w, e, self.fsbuf)
+        cdef const char *slash = <const char *>memrchr(self.fsbuf, 47, n)  # '/'
+        cdef size_t d = slash - self.fsbuf if slash != NULL else 0
+        if slash == NULL or d == 0:  # a relative or top-level name: open it as is
+            self.fd = c_open(self.fsbuf, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
+        else:
+            if self.dfd < 0 or d != self.dir_len or memcmp(self.dirbuf, self.fsbuf, d) != 0:
+                if self.dfd >= 0:
+                    close(self.dfd)
+                self.fsbuf[d] = 0
+                self.dfd = c_open(self.fsbuf, O_PATH | O_DIRECTORY | O_CLOEXEC)
+                self.fsbuf[d] = 47
+                if self.dfd < 0:
+                    return self._fail("cannot open", e, errno)
+                memcpy(self.dirbuf, self.fsbuf, d)
+                self.dir_len = d
+            self.fd = openat(self.dfd, self.fsbuf + d + 1,
+                             O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
         if self.fd < 0:
             return self._fail("cannot open", e, errno)
-        if fstat(self.fd, &st) != 0:
-            return self._fail("cannot stat", e, errno)
-        if (not S_ISREG(st.st_mode) or <uint64_t>st.st_size != e.size
-                or st.st_ino != e.ino or mtime_ns(&st) != e.mtime_ns):
-            return self._fail("file changed since it was listed (size, type or mtime):",
-                              e, 0)
         return 0
 
     cdef int _close(self, fl_entry *e) noexcept nogil:
@@ -299,9 +324,25 @@ cdef class LayerStream:
         self.fd = -1
         if rc != 0:
             return self._fail("cannot stat", e, errno)
+        if not S_ISREG(st.st_mode) or st.st_ino != e.ino or st.st_dev != e.dev:
+            return self._fail("file changed since it was listed (size, type or mtime):",
+                              e, 0)
         if <uint64_t>st.st_size != e.size or mtime_ns(&st) != e.mtime_ns:
             return self._fail("file changed while it was read:", e, 0)
         return 0
+
+    cdef int _read_failed(self, fl_entry *e, ssize_t got) noexcept nogil:
+        # A read error or early end: say "changed since listed" if the file
+        # open is no longer the one the walk saw (a fifo, a device, another file).
+        cdef struct_stat st
+        cdef int err = errno
+        if (fstat(self.fd, &st) == 0 and (not S_ISREG(st.st_mode) or st.st_ino != e.ino
+                                            or st.st_dev != e.dev)):
+            return self._fail("file changed since it was listed (size, type or mtime):",
+                              e, 0)
+        if got < 0:
+            return self._fail("cannot read", e, err)
+        return self._fail("file shrank while it was read:", e, 0)
 
     cdef Py_ssize_t _fill(self, unsigned char *buf, size_t cap) noexcept nogil:
         cdef size_t pos = 0, n
@@ -310,6 +351,9 @@ cdef class LayerStream:
         while pos < cap and self.stage != ST_DONE:
             if self.stage == ST_HEADER:
                 if self.i == self.w.n:
+                    if self.dfd >= 0:
+                        close(self.dfd)
+                        self.dfd = -1
                     self.stage = ST_TRAILER
                     self.left = self.size - self.produced - pos
                     continue
@@ -335,10 +379,8 @@ cdef class LayerStream:
             elif self.stage == ST_DATA:
                 e = &self.w.ents[self.i]
                 got = read(self.fd, buf + pos, min(self.left, cap - pos))
-                if got < 0:
-                    return self._fail("cannot read", e, errno)
-                if got == 0:
-                    return self._fail("file shrank while it was read:", e, 0)
+                if got <= 0:
+                    return self._read_failed(e, got)
                 pos += got
                 self.left -= got
                 if self.left == 0 and self._finish_file(e) != 0:

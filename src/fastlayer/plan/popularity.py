@@ -69,13 +69,9 @@ def popularity(graph: ClosureGraph) -> list[int]:
 def tie_ranks(names: list[str]) -> np.ndarray:
     """Rank of each name under `tie_key` (keys are distinct for distinct names).
 
-    Sorted as UTF-8 bytes by numpy: byte order of UTF-8 is code point order, the
-    order Python compares str in, and store paths hold no NUL for numpy to strip.
-    """
-    keys = np.array([tie_key(p).encode() for p in names], dtype=np.bytes_)
-    ranks = np.empty(len(names), dtype=np.int64)
-    ranks[np.argsort(keys, kind="stable")] = np.arange(len(names), dtype=np.int64)
-    return ranks
+    Native: the keys are compared as UTF-8 bytes, whose order is code point
+    order, the order Python compares str in."""
+    return _rank.tie_ranks(list(names))
 
 
 def rank(graph: ClosureGraph) -> np.ndarray:
