@@ -422,7 +422,7 @@ def _sources(
     skips = getattr(sink, "skips", None)
     if skips is not None:
         recipes.by_content()  # worth a read of the files only where a skip saves more
-    held = [k is not None and skips is not None and skips(k) for k in recipes.known]
+    held = _held(skips, recipes.known)
     recipes.reused += sum(held)
     produce = [not h and c is None for h, c in zip(held, recipes.copied, strict=True)]
     with Pipeline([m for m, p in zip(makers, produce, strict=True) if p]) as pipeline:
@@ -471,6 +471,17 @@ class _Slice:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _held(skips: Callable[[Known], bool] | None, known: list[Known | None]) -> list[bool]:
+    """Which known layers the sink holds already. A registry answers each with a
+    HEAD: asked eight at a time, a hundred layers cost a few round trips, not 100."""
+    if skips is None or not any(known):
+        return [False] * len(known)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8, thread_name_prefix="fastlayer-skips") as pool:
+        return list(pool.map(lambda k: k is not None and skips(k), known))
 
 
 class Recipes:
