@@ -179,3 +179,21 @@ def test_push_cache_flags_move_or_bypass_the_registry_blob_cache(specs, tmp_path
     assert fastlayer("push", a, dest, "--insecure", "--cache", mine, "-q").returncode == 0
     assert not default.exists(), sorted(os.listdir(default))
     assert (mine / "registry-blobs.json").is_file()
+
+
+@pytest.mark.xfail(strict=True, reason="build --index refuses per-platform specs of one stem")
+def test_index_of_specs_with_one_file_name_in_platform_directories(specs, tmp_path):
+    """amd64/app.json and arm64/app.json: push --index takes them; build --index
+    too, as its platform images are named by the index, not by their files."""
+    amd, arm = index_platform_specs(specs, tmp_path, bad_arm=False)
+    for d, spec in (("amd64", amd), ("arm64", arm)):
+        (tmp_path / d).mkdir()
+        spec.rename(tmp_path / d / "app.json")
+    files = [tmp_path / "amd64" / "app.json", tmp_path / "arm64" / "app.json"]
+    layout = tmp_path / "layout"
+    r = fastlayer("build", "--index", *files, "-o", layout, "--format", "oci-dir")
+    assert r.returncode == 0, r.stderr
+    index = json.loads((layout / "index.json").read_text())
+    [entry] = index["manifests"]
+    assert entry["mediaType"] == "application/vnd.oci.image.index.v1+json"
+    assert entry["annotations"]["io.containerd.image.name"] == "127.0.0.1:5000/team/multi:2"
