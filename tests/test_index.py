@@ -142,7 +142,7 @@ def test_build_index_needs_oci_dir_and_one_name(tmp_path):
     other = json.loads(Path(given[1]).read_text())
     Path(given[1]).write_text(json.dumps({**other, "tag": "3"}))
     r = fastlayer("build", "--index", *given, "-o", str(tmp_path / "l"), "--format", "oci-dir")
-    assert r.returncode == 1 and "same name and tag" in r.stderr
+    assert r.returncode == 1 and "the index's name and tag" in r.stderr
     assert not (tmp_path / "l").exists()
 
 

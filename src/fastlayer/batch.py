@@ -25,6 +25,8 @@ import contextlib
 import ctypes
 import json
 import os
+import re
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
@@ -56,10 +58,14 @@ class Item:
     plan: Any = None
     written: int = 0  # bytes of its output (new blobs only, in a shared layout)
 
+    ref_name: str | None = None  # its name in the output, when not the spec's
+
     @property
     def name(self) -> str:
         """The spec file's name without .toml/.json (for a dict: its image name's
         last component): what the image is named after in the output."""
+        if self.ref_name:
+            return self.ref_name
         if not self.source.startswith("spec["):
             return self.name_of_file()
         assert self.spec is not None
@@ -129,12 +135,16 @@ def build_many(
     strategy: str = "shared",
     on_done: Callable[[Item], None] | None = None,
     shard: tuple[int, int] | None = None,
+    names: Sequence[str] | None = None,
 ) -> BatchResult:
     """Build every spec's image into output_dir (see the module's docstring);
-    with shard (K, N), only the specs of shard K of N (see in_shard)."""
+    with shard (K, N), only the specs of shard K of N (see in_shard). names:
+    each image's name in the output, when not its spec's."""
     from fastlayer.sinks import open_sink
 
     items = _prepare(specs, strategy, shard)
+    for item, name in zip(items, names or (), strict=False):
+        item.ref_name = name
     shared_layout = format == "oci-dir"
     _outputs(items, output_dir, format, compress, shared_layout)
     if not shared_layout:
@@ -226,7 +236,7 @@ def in_shard(name: str, shard: tuple[int, int] | None) -> bool:
 def parse_shard(text: str) -> tuple[int, int]:
     """ "K/N" -> (K, N), 1 <= K <= N."""
     k, sep, n = text.partition("/")
-    if not (sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+    if not (re.fullmatch(r"[0-9]{1,9}/[0-9]{1,9}", text) and 1 <= int(k) <= int(n)):
         raise FastlayerError(f"--shard {text!r}: give K/N with 1 <= K <= N (e.g. 2/4)")
     return int(k), int(n)
 
@@ -292,7 +302,26 @@ def _outputs(
         kind = compress or item.spec.compression
         suffix = SUFFIX.get(kind, ".tar") if format == "docker-archive" else ".tar"
         item.output = os.path.join(output_dir, item.name + suffix)
+    if shared:
+        _valid_ref_names(items)
     _no_duplicates(items, "output" if not shared else "name", shared)
+
+
+# what a ref.name may be (the OCI image layout's annotation grammar)
+_REF_NAME = re.compile(
+    r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*(?:/[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*)*"
+)
+
+
+def _valid_ref_names(items: list[Item]) -> None:
+    """In a shared layout each image is named after its spec: the name must be a
+    valid ref.name, or skopeo and umoci could not name the image."""
+    for item in items:
+        if item.error is None and not _REF_NAME.fullmatch(item.name):
+            item.error = (
+                f"{item.name!r} cannot name an image in an OCI layout (letters, digits and "
+                "-._ between them): rename the spec file"
+            )
 
 
 def _no_duplicates(items: list[Item], what: str, by_name: bool = False) -> None:
@@ -368,6 +397,9 @@ def _drive(
                 item.result = f.result()
             except FastlayerError as e:
                 item.error = str(e)
+            except OSError as e:  # a full disk, a file size limit: this image only
+                where = f" writing {item.output}" if item.output else ""
+                item.error = f"{e.strerror or e}{where}"
             else:
                 _remember(item, reuse)
             done.add(n)
@@ -438,20 +470,83 @@ def build_index(
 ) -> tuple[BatchResult, str | None]:
     """One image per platform into the OCI layout, then an image index naming them,
     under the specs' common `name:tag` (which they must share). Returns the batch
-    and the index's digest (None when an image failed: no index is written)."""
+    and the index's digest; when an image fails, no index is written and the
+    layout is left as it was (a new one is not created)."""
     from fastlayer.registry.push import platform_of
     from fastlayer.sinks.oci import add_image_index
 
+    names = [os.fspath(s) if isinstance(s, (str, os.PathLike)) else f"spec[{i}]"
+             for i, s in enumerate(specs)]  # fmt: skip
     loaded = [load_spec(s) for s in specs]
-    refs = {(s.name, s.tag) for s in loaded}
-    if len(refs) != 1 or not loaded[0].tag:
-        raise FastlayerError("--index: give every spec the same name and tag (the index's)")
-    platforms = [json.dumps(platform_of(s), sort_keys=True) for s in loaded]
-    if len(set(platforms)) != len(platforms):
-        raise FastlayerError("--index: two specs are for the same platform")
-    result = build_many(specs, layout, format="oci-dir", **kw)
-    if result.failed:
-        return result, None
-    members = [(x.result.manifest_digest, platform_of(x.spec)) for x in result.items]  # type: ignore[union-attr]
-    ref = f"{loaded[0].name}:{loaded[0].tag}"
-    return result, add_image_index(layout, members, ref, [x.name for x in result.items])  # type: ignore[arg-type]
+    first = loaded[0]
+    for where, spec in zip(names, loaded, strict=True):
+        if (spec.name, spec.tag) != (first.name, first.tag) or not spec.tag:
+            raise FastlayerError(
+                f"--index: {where} is {spec.name}:{spec.tag or '(no tag)'} but {names[0]} is "
+                f"{first.name}:{first.tag or '(no tag)'}; give every spec the index's name and tag"
+            )
+    seen: dict[str, str] = {}
+    for where, spec in zip(names, loaded, strict=True):
+        key = json.dumps(platform_of(spec), sort_keys=True)
+        if key in seen:
+            raise FastlayerError(f"--index: {seen[key]} and {where} are both for "
+                                 f"{'/'.join(platform_of(spec).values())}")  # fmt: skip
+        seen[key] = where
+    members = [f"index-member-{i}" for i in range(len(specs))]  # replaced by the index
+    with _restored_on_failure(layout) as target:
+        result = build_many(specs, target, format="oci-dir", names=members, **kw)
+        if result.failed:
+            raise _IndexFailed(result)
+        found = [(x.result.manifest_digest, platform_of(x.spec)) for x in result.items]  # type: ignore[union-attr]
+        digest = add_image_index(target, found, f"{first.name}:{first.tag}", members)  # type: ignore[arg-type]
+    failed = getattr(target, "result", None)
+    if failed is not None:
+        return failed, None
+    return result, digest
+
+
+class _IndexFailed(Exception):
+    def __init__(self, result: BatchResult):
+        self.result = result
+
+
+class _Failed(str):
+    """The target of a failed index build, carrying its batch result."""
+
+    result: BatchResult
+
+
+@contextlib.contextmanager
+def _restored_on_failure(layout: str):
+    """Yield where to build: a new layout is built beside it and renamed at the end;
+    an existing one gets its index.json and blob list back if the build fails."""
+    if not os.path.lexists(layout):
+        parent = os.path.dirname(os.path.abspath(layout))
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".fastlayer-index-", suffix=".part")
+        target = _Failed(os.path.join(tmp, "layout"))
+        try:
+            yield target
+            os.rename(target, layout)
+        except _IndexFailed as e:
+            target.result = e.result
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    index = os.path.join(layout, "index.json")
+    blobs = os.path.join(layout, "blobs", "sha256")
+    before = Path(index).read_bytes() if os.path.isfile(index) else None
+    had = set(os.listdir(blobs)) if os.path.isdir(blobs) else set()
+    target = _Failed(layout)
+    try:
+        yield target
+    except BaseException as e:
+        if before is not None:
+            from fastlayer.sinks.output import write_output
+
+            write_output(index, before)
+        for name in set(os.listdir(blobs)) - had if os.path.isdir(blobs) else ():
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(blobs, name))
+        if not isinstance(e, _IndexFailed):
+            raise
+        target.result = e.result

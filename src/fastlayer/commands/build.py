@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--strategy",
         default="shared",
+        choices=("shared", "popularity", "limit", "auto"),
         help="a batch's plan for specs on the default strategy: shared (default: "
         "layers shared by several images apart from each image's own) or any strategy, "
         "each image alone",

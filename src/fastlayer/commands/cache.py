@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 from fastlayer.errors import FastlayerError
@@ -47,7 +48,7 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         value = -1
-    if not number or value < 0:
+    if not number or not math.isfinite(value) or value < 0 or value * UNITS[unit] > 2**62:
         raise FastlayerError(f"--max-size {text!r}: give bytes, or a number with K, M, G or T")
     return int(value * UNITS[unit])
 

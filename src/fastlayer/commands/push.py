@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = push_image(
             args.source, args.destination, image_tag=args.image_tag,
-            compress=args.compress or "gzip", **common,
+            compress=args.compress or "gzip", cache=cache_choice(args), **common,
         )  # fmt: skip
     if not args.quiet:
         print(f"fastlayer: {result.reference.name}:{result.tag}: {result.stats.summary()}",

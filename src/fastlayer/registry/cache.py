@@ -63,12 +63,16 @@ def cache_path() -> str:
 
 
 class BlobCache:
-    def __init__(self, registry: str, path: str | None = None, warn: bool = True):
+    def __init__(
+        self, registry: str, path: str | None = None, warn: bool = True, persist: bool = True
+    ):
+        """persist=False (--no-cache): nothing read from or saved to a file."""
         self.registry = registry
         self.path = path or cache_path()
+        self.persist = persist
         self._lock = threading.Lock()
         self._added: list[tuple[str, Blob, str]] = []  # (repo, blob, "kind:diff_id" or "")
-        data, problem = load(self.path)
+        data, problem = load(self.path) if persist else ({}, "")
         if problem and warn:
             print(f"fastlayer: warning: {problem} (only a hint: carrying on)", file=sys.stderr)
         mine = data.get(registry, {})
@@ -99,7 +103,7 @@ class BlobCache:
         write it is not the user's problem (the next run just knows less)."""
         with self._lock:
             added, self._added = self._added, []
-        if not added:
+        if not added or not self.persist:
             return
         from fastlayer.cache import home_missing
 

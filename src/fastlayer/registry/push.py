@@ -173,7 +173,7 @@ class RegistrySink:
         if kind not in LAYER_TYPES:
             raise FastlayerError(f"unknown compression {kind!r}; use gzip, zstd or none")
         self.reg, self.repo, self.kind = reg, repo, kind
-        self.cache = BlobCache(reg.registry)
+        self.cache = BlobCache(reg.registry)  # see use_cache
         self.stats = PushStats()
         self.layers: list[WrittenLayer] = []
         self._pool = ThreadPoolExecutor(workers, "fastlayer-push")
@@ -189,6 +189,16 @@ class RegistrySink:
         self._fresh = not self.cache.knows_repo(repo)
 
     # -- layers -----------------------------------------------------------------------
+
+    def use_cache(self, cache: Any) -> None:
+        """The blob cache as a build's cache argument says: a directory holds its
+        registry-blobs.json, False (--no-cache) keeps it in memory, None: the default."""
+        if cache is False:
+            self.cache = BlobCache(self.reg.registry, persist=False)
+        elif cache is not None:
+            root = getattr(cache, "root", None) or os.fspath(cache)
+            self.cache = BlobCache(self.reg.registry, os.path.join(root, "registry-blobs.json"))
+        self._fresh = not self.cache.knows_repo(self.repo)
 
     def skips(self, known: Known) -> bool:
         """Whether the repository has (or can mount) this layer's blob, named by the
@@ -476,7 +486,7 @@ def _run(dest: Reference, sink: RegistrySink, body: Callable[[], tuple[ImageReco
 def push_image(
     path: str, dest_text: str, *, image_tag: str | None = None, compress: str = "gzip",
     insecure: bool = False, workers: int = WORKERS, progress: bool = False,
-    timeout: float | None = DEADLINE, stall: float | None = STALL,
+    timeout: float | None = DEADLINE, stall: float | None = STALL, cache: Any = None,
 ) -> PushResult:  # fmt: skip
     """Push an image on disk (docker-archive, OCI layout or archive) as it is.
 
@@ -493,6 +503,7 @@ def push_image(
     files = bi._Files(path)  # noqa: SLF001 (raw config bytes and blob descriptors)
     reg = _registry(dest, insecure, workers, timeout, stall)
     sink = RegistrySink(reg, dest.repository, compress, workers, progress)
+    sink.use_cache(cache)
 
     def body() -> tuple[ImageRecord, str]:
         descs = _oci_layer_descs(files, image) if files.exists("oci-layout") else None
@@ -616,6 +627,7 @@ def push_spec(
     kind = compress or (spec.compression if spec.compression != "none" else "gzip")
     reg = _registry(dest, insecure, workers, timeout, stall)
     sink = RegistrySink(reg, dest.repository, kind, workers, progress)
+    sink.use_cache(cache)
     sink.untagged = untagged
 
     built: list = []

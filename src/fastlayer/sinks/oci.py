@@ -18,6 +18,8 @@ whose header is written back like the docker-archive writer's.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -220,10 +222,11 @@ class OciDirSink(_OciImage):
         self._write_new(None, lambda w: w.write(data))
 
     def put_index(self, manifest: dict, refs: list[str]) -> None:
-        # read again: another build may have added to the layout meanwhile
-        data = index_json(self._old_manifests(), manifest, refs, self.ref_name)
-        self.index_touched = True  # before the rename: a signal may land right after it
-        self._replace("index.json", data)
+        # read again under the layout's lock: another build may add to it meanwhile
+        with layout_lock(self.root):
+            data = index_json(self._old_manifests(), manifest, refs, self.ref_name)
+            self.index_touched = True  # before the rename: a signal may land right after it
+            self._replace("index.json", data)
 
     def abort(self) -> None:
         """Leave the layout as it was: the old index.json back, added files gone."""
@@ -237,6 +240,18 @@ class OciDirSink(_OciImage):
     def _put_old_index(self, w: FdWriter) -> None:
         assert self.old_index is not None
         w.write(self.old_index)
+
+
+@contextlib.contextmanager
+def layout_lock(root: str) -> Iterator[None]:
+    """An exclusive flock on the layout directory while index.json is read and
+    replaced, so concurrent builds into one layout keep each other's images."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _index_manifests(raw: bytes, path: str) -> list[dict]:
@@ -289,7 +304,15 @@ def oci_dir_sink(output: str, kind: str, name: str, tag: str) -> Iterator[OciDir
         sink = OciDirSink(tmp, kind, name, tag)
         yield sink
         sink.check_finished()
-        os.rename(tmp, output)
+        try:
+            os.rename(tmp, output)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise FastlayerError(
+                f"cannot create the layout {output}: another process created it meanwhile "
+                "(run again to add to it)"
+            ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -375,9 +398,10 @@ def add_image_index(
     desc = descriptor(MT_OCI_INDEX, raw)
     sink = OciDirSink(root, "none")
     sink.put_blob(raw)
-    old = [
-        m for m in sink._old_manifests()
-        if (m.get("annotations") or {}).get(REF_NAME) not in replaced
-    ]  # fmt: skip
-    sink._replace("index.json", index_json(old, desc, [ref]))
+    with layout_lock(root):
+        old = [
+            m for m in sink._old_manifests()
+            if (m.get("annotations") or {}).get(REF_NAME) not in replaced
+        ]  # fmt: skip
+        sink._replace("index.json", index_json(old, desc, [ref]))
     return desc["digest"]
