@@ -431,7 +431,7 @@ def _sources(
     if skips is not None:
         recipes.by_content()  # worth a read of the files only where a skip saves more
         recipes.ask_remote()
-    held = [k is not None and skips is not None and skips(k) for k in recipes.known]
+    held = _held(skips, recipes.known)
     recipes.check_remote(held)
     recipes.reused += sum(held)
     produce = [not h and c is None for h, c in zip(held, recipes.copied, strict=True)]
@@ -451,6 +451,21 @@ def _sources(
             recipes.read_bytes += source.size or 0
             yield source, paths, comment
     yield StreamSource(custom), [], "customisation layer"
+
+
+def _held(skips: Callable[[Known], bool] | None, known: list[Known | None]) -> list[bool]:
+    """Which layers the sink holds, asked in parallel: for a registry each answer is
+    a request or two, and a warm push of hundreds of layers would wait on them."""
+    if skips is None:
+        return [False] * len(known)
+    todo = [k for k in known if k is not None]
+    if len(todo) < 2:
+        return [k is not None and skips(k) for k in known]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(8, len(todo)), "fastlayer-skips") as pool:
+        answers = iter(list(pool.map(skips, todo)))
+    return [k is not None and next(answers) for k in known]
 
 
 def region_reader(path: str, offset: int, size: int) -> Callable[[], Any]:

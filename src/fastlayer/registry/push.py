@@ -270,9 +270,13 @@ class RegistrySink:
         it or can mount it."""
         for blob in dict.fromkeys(x for x in (hint, self.cache.layer(diff_id, self.kind)) if x):
             blob = Blob(blob.digest, blob.size, TO_OCI.get(blob.media_type, blob.media_type))
-            if self._present(blob):
+            # a blob a shared layer cache names is rarely here yet: mount first (a mount
+            # of a blob the repository has succeeds too), which saves a HEAD per layer
+            if blob.digest in self.mount_sources and self._mount(blob) == "":
+                self._count(mounted=1)
+            elif self._present(blob):
                 self._count(present=1)
-            elif self._mount(blob) == "":
+            elif blob.digest not in self.mount_sources and self._mount(blob) == "":
                 self._count(mounted=1)
             else:
                 continue
