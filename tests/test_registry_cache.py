@@ -270,3 +270,27 @@ def test_an_entry_not_in_our_shape_is_refused(change):
     assert hit.entry.blobs == {"gzip/2-x": ("sha256:" + "b" * 64, 5)} and hit.entry.size == 10
     with pytest.raises(untrusted.Invalid):
         parse_entry({**good, **change}, "entry")
+
+
+@pytest.mark.validators
+def test_a_batch_shares_the_cache_too(world, registry, monkeypatch, tmp_path):
+    from fastlayer.batch import push_many
+
+    a, b, paths = world
+    cache = f"docker://{registry.host}/ci/batch"
+
+    def specs(m: Machine) -> list[str]:
+        other = json.loads(m.spec.read_text())
+        other["name"], other["contents"]["store_paths"] = "ssl", [paths["libssl-3.0"]]
+        (m.spec.parent / "ssl.json").write_text(json.dumps(other))
+        return [str(m.spec), str(m.spec.parent / "ssl.json")]
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(a.home))
+    first = push_many(specs(a), f"docker://{registry.host}/ta", insecure=True, cache_repo=cache)
+    assert not first.failed and len(entry_tags(registry, "ci/batch")) == 3
+    monkeypatch.setenv("XDG_CACHE_HOME", str(b.home))
+    mark = registry.mark()
+    second = push_many(specs(b), f"docker://{registry.host}/tb", insecure=True, cache_repo=cache)
+    assert not second.failed and registry.uploads_since(mark) == []
+    for name in ("app", "ssl"):
+        assert manifest(registry, f"tb/{name}", "1") == manifest(registry, f"ta/{name}", "1")

@@ -616,7 +616,7 @@ def push_spec(
 
     cache, plan, inputs: as for builder.build_into. cache_repo (docker://REG/REPO),
     or cache_from and cache_to apart: a layer cache shared through a registry
-    (cache/remote.py), or remote, one already open (a batch shares one)."""
+    (cache/remote.py), or remote, one already open (its hits kept between pushes)."""
     from fastlayer.builder import build_into
     from fastlayer.spec import load_spec
 
