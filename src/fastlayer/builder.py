@@ -32,6 +32,7 @@ from fastlayer.spec import Spec, format_time, load_spec, parse_time
 
 if TYPE_CHECKING:
     from fastlayer.cache import LayerCache
+    from fastlayer.cache.remote import RegistryCache
 
 # a build's cache argument: a directory, None (the default one), False (none), an open cache
 CacheChoice = Union[str, "os.PathLike[str]", bool, None, "LayerCache"]
@@ -64,6 +65,9 @@ class BuildResult:
     read_bytes: int = 0  # bytes of the layers produced from disk (store, files)
     copied: int = 0  # layers copied from an earlier image of the same batch
     layer_keys: list[str | None] = field(default_factory=list)  # recipe keys, image order
+    remote_hits: int = 0  # layers a registry-shared cache named and the sink held
+    # (portable key, entry) of this image's layers that the shared cache lacked
+    remote_new: list[Any] = field(default_factory=list)
 
     @property
     def ref(self) -> str:
@@ -335,6 +339,7 @@ def build_into(
     plan: Any = None,
     reuse: dict[str, tuple[str, int, int, str]] | None = None,
     inputs: Inputs | None = None,
+    remote: RegistryCache | None = None,
 ) -> BuildResult:
     """Build into the sink sink_for(mtime) opens (a file, a registry...).
 
@@ -342,7 +347,9 @@ def build_into(
     layers' plan when made elsewhere (a batch plans its images together), from
     inputs (layer_inputs(spec), made once for both).
     reuse: recipe key -> (file, offset, size, diff_id) of layers this run wrote
-    already, uncompressed, into a file: copied from there instead of produced."""
+    already, uncompressed, into a file: copied from there instead of produced.
+    remote: a layer cache shared through a registry (cache/remote.py), asked for
+    the layers the local cache misses when the sink can skip layers it holds."""
     spec = load_spec(spec)
     cache = layer_cache(cache)
     created = parse_time(spec.created, "created")
@@ -356,7 +363,7 @@ def build_into(
     n_layers = n_base + len(store_paths) + len(files) + 1
     bar = _Progress(_size_estimates(base, plan), n_layers, progress)
     name = name or spec.name
-    recipes = Recipes(cache, spec, owner, store_paths, files, base, reuse or {})
+    recipes = Recipes(cache, spec, owner, store_paths, files, base, reuse or {}, remote, graph)
     try:
         with tempfile.TemporaryDirectory(prefix="fastlayer-stage-") as staging_dir:
             staging = Path(staging_dir)
@@ -388,6 +395,7 @@ def build_into(
     result.reused, result.read_bytes = recipes.reused, recipes.read_bytes
     result.copied = sum(x is not None for x in recipes.copied)
     result.layer_keys = [None] * n_base + recipes.keys + [None]  # per layer, image order
+    result.remote_hits, result.remote_new = recipes.remote_held, recipes.remote_new
     return result
 
 
@@ -422,7 +430,9 @@ def _sources(
     skips = getattr(sink, "skips", None)
     if skips is not None:
         recipes.by_content()  # worth a read of the files only where a skip saves more
+        recipes.ask_remote()
     held = _held(skips, recipes.known)
+    recipes.check_remote(held)
     recipes.reused += sum(held)
     produce = [not h and c is None for h, c in zip(held, recipes.copied, strict=True)]
     with Pipeline([m for m, p in zip(makers, produce, strict=True) if p]) as pipeline:
@@ -441,6 +451,21 @@ def _sources(
             recipes.read_bytes += source.size or 0
             yield source, paths, comment
     yield StreamSource(custom), [], "customisation layer"
+
+
+def _held(skips: Callable[[Known], bool] | None, known: list[Known | None]) -> list[bool]:
+    """Which layers the sink holds, asked in parallel: for a registry each answer is
+    a request or two, and a warm push of hundreds of layers would wait on them."""
+    if skips is None:
+        return [False] * len(known)
+    todo = [k for k in known if k is not None]
+    if len(todo) < 2:
+        return [k is not None and skips(k) for k in known]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(8, len(todo)), "fastlayer-skips") as pool:
+        answers = iter(list(pool.map(skips, todo)))
+    return [k is not None and next(answers) for k in known]
 
 
 def region_reader(path: str, offset: int, size: int) -> Callable[[], Any]:
@@ -473,17 +498,6 @@ class _Slice:
         self.close()
 
 
-def _held(skips: Callable[[Known], bool] | None, known: list[Known | None]) -> list[bool]:
-    """Which known layers the sink holds already. A registry answers each with a
-    HEAD: asked eight at a time, a hundred layers cost a few round trips, not 100."""
-    if skips is None or not any(known):
-        return [False] * len(known)
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(8, thread_name_prefix="fastlayer-skips") as pool:
-        return list(pool.map(lambda k: k is not None and skips(k), known))
-
-
 class Recipes:
     """The cache's side of one build: each layer's recipe key and what the cache
     knows of it, and afterwards what the sink wrote, recorded under those keys."""
@@ -491,9 +505,13 @@ class Recipes:
     def __init__(
         self, cache: LayerCache | None, spec: Spec, owner: Owner,
         store_paths: list[list[str]], files: list[explicit.FileLayer], base: Image | None,
-        reuse: dict[str, tuple[str, int, int, str]],
+        reuse: dict[str, tuple[str, int, int, str]], remote: RegistryCache | None = None,
+        graph: Any = None,
     ):  # fmt: skip
         self.cache = cache
+        self.remote = remote
+        self.remote_held = 0  # layers the shared cache named and the sink held
+        self.remote_new: list[tuple[str, Any]] = []  # (portable key, Entry) to share
         self.reused = 0  # layers the sink already held: never read
         self.read_bytes = 0  # bytes of the layers produced from disk
         self.base = base.layers if base is not None else []
@@ -504,12 +522,24 @@ class Recipes:
         self.copied: list[Layer | None] = [None] * n  # layers copied from this run's files
         self.content_keys: list[str | None] = [None] * n  # see by_content
         self.files, self.owner, self.rules = files, owner, spec.permissions
-        if cache is None and not reuse:
+        self.portable: list[str | None] = [None] * n  # keys any machine computes alike
+        self.from_remote = [False] * n  # known[i] came from the shared cache
+        if cache is None and not reuse and remote is None:
             return
-        from fastlayer.cache.keys import base_region_key, file_layer_key, store_layer_key
+        from fastlayer.cache.keys import (
+            base_region_key,
+            file_layer_key,
+            store_layer_key,
+            store_layer_portable_key,
+        )
 
         self.keys = [store_layer_key(p, owner, spec.store_root) for p in store_paths]
         self.keys += [file_layer_key(f.lead_dirs, f.roots, owner, spec.permissions) for f in files]
+        if remote is not None:
+            nar = _nar_hashes(graph)
+            for i, paths in enumerate(store_paths):
+                if self.keys[i] is not None:  # every path there: the walk would not fail
+                    self.portable[i] = store_layer_portable_key(paths, owner, nar)
         for i, key in enumerate(self.keys):
             if key in reuse:
                 path, offset, size, diff_id = reuse[key]
@@ -530,7 +560,7 @@ class Recipes:
     def by_content(self) -> None:
         """For file layers whose stat key missed, look up their content key (a
         fresh checkout: same bytes, new inodes and times)."""
-        if self.cache is None:
+        if self.cache is None and self.remote is None:
             return
         from fastlayer.cache.keys import file_layer_content_key
 
@@ -541,9 +571,46 @@ class Recipes:
                 continue
             key = file_layer_content_key(f.lead_dirs, f.roots, self.owner, self.rules)
             self.content_keys[i] = key
-            entry = self.cache.get(key) if key else None
+            self.portable[i] = key  # names, modes and bytes: the same on any machine
+            entry = self.cache.get(key) if key and self.cache is not None else None
             if entry is not None:
                 self.known[i] = Known(entry.diff_id, entry.size, entry.blobs)
+
+    def ask_remote(self) -> None:
+        """Ask the shared cache for the layers nothing local knows (one parallel
+        round of lookups); a hit becomes the layer's hint."""
+        if self.remote is None:
+            return
+        # a cache also written asks for every layer: what it holds need not be written again
+        every = self.remote.writes_where_read()
+        want = [(i, k) for i, k in enumerate(self.portable)
+                if k and (every or self.known[i] is None)]  # fmt: skip
+        if not want:
+            return
+        found = self.remote.lookup([k for _, k in want])
+        for i, key in want:
+            hit = found.get(key)
+            if hit is not None and self.known[i] is None:
+                e = hit.entry
+                self.known[i] = Known(e.diff_id, e.size, dict(e.blobs))
+                self.from_remote[i] = True
+
+    def check_remote(self, held: list[bool]) -> None:
+        """A shared hint the sink could not confirm (blob gone, wrong size) is
+        dropped with a warning, so the layer is built as if never seen."""
+        for i, h in enumerate(held):
+            if not self.from_remote[i]:
+                continue
+            if h:
+                self.remote_held += 1
+                continue
+            assert self.remote is not None
+            self.remote.stats.failed += 1
+            key = self.portable[i] or ""
+            self.remote.warn(f"layer cache {self.remote.source} entry {key[:12]}: its blob is "
+                             "missing or not as described; the layer is built")  # fmt: skip
+            self.known[i] = None
+            self.from_remote[i] = False
 
     def verified(self, i: int) -> bool:
         """Whether base layer i was verified by an earlier build, its file unchanged."""
@@ -556,15 +623,24 @@ class Recipes:
 
     def record(self, written: list[WrittenLayer]) -> None:
         """What the sink wrote, under each layer's key (a build that failed records nothing)."""
-        if self.cache is None:
-            return
         from fastlayer.cache import Entry
         from fastlayer.sinks.compress import blob_kind
 
+        n_base = len(self.base)
+        if self.remote is not None:
+            mine = written[n_base : n_base + len(self.keys)]
+            for pkey, w in zip(self.portable, mine, strict=False):
+                if pkey and w.digest:
+                    kind = blob_kind(compression_of(w.media_type))
+                    entry = self.remote.new_entry(pkey, kind, w.diff_id, w.size, w.digest,
+                                                  w.blob_size)  # fmt: skip
+                    if entry is not None:
+                        self.remote_new.append((pkey, entry))
+        if self.cache is None:
+            return
         for key, layer in zip(self.base_keys, self.base, strict=True):
             if key is not None:
                 self.cache.put(key, Entry(layer.diff_id, layer.size or 0))
-        n_base = len(self.base)
         mine = written[n_base : n_base + len(self.keys)]
         for key, alt, w in zip(self.keys, self.content_keys, mine, strict=False):
             blobs = {blob_kind(compression_of(w.media_type)): (w.digest, w.blob_size)}
@@ -578,6 +654,13 @@ class Recipes:
             for k in (key, alt):
                 if k and known is not None and known.diff_id == diff_id and self.cache:
                     self.cache.drop(k, f"its recipe no longer gives {diff_id}", quiet=True)
+
+
+def _nar_hashes(graph: Any) -> dict[str, str | None]:
+    """Store path -> narHash, from the closure graph (empty when it has none)."""
+    if graph is None:
+        return {}
+    return dict(zip(graph.names, graph.nar_hash, strict=True))
 
 
 def _image_config(

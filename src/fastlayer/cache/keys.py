@@ -60,6 +60,21 @@ def store_layer_key(paths: Sequence[str], owner: object, root: str | None = None
     return h.hexdigest()
 
 
+def store_layer_portable_key(
+    paths: Sequence[str], owner: object, nar_hashes: dict[str, str | None]
+) -> str:
+    """The key of a store layer that any machine computes alike (a registry-shared
+    cache): each path's name and, where the closure graph gives it, its narHash
+    (so two machines whose builds of one path differ do not share its layer);
+    nothing of the local file system."""
+    h = blake3(FORMAT + b"store portable\0")
+    _owner(h, owner, ())
+    _fields(h, len(paths))
+    for p in paths:
+        _fields(h, p, nar_hashes.get(p) or "")
+    return h.hexdigest()
+
+
 def file_layer_key(
     lead_dirs: Sequence[str], roots: Sequence[tuple[str, str]], owner: object,
     rules: Sequence[object],

@@ -22,6 +22,22 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cache", action="store_true", help="neither use nor fill the layer cache")
 
 
+def add_shared_cache_flags(p: argparse.ArgumentParser) -> None:
+    """--cache-repo, --cache-from, --cache-to: a layer cache shared through a registry."""
+    p.add_argument(
+        "--cache-repo", metavar="docker://REG/REPO",
+        help="a layer cache shared through this registry repository (read and written)",
+    )  # fmt: skip
+    p.add_argument("--cache-from", metavar="docker://REG/REPO", help="read the shared cache here")
+    p.add_argument("--cache-to", metavar="docker://REG/REPO", help="write the shared cache here")
+
+
+def shared_cache(args: argparse.Namespace) -> dict[str, str | None]:
+    """push_spec's keyword arguments for the shared-cache flags."""
+    return {"cache_repo": args.cache_repo, "cache_from": args.cache_from,
+            "cache_to": args.cache_to}  # fmt: skip
+
+
 def cache_choice(args: argparse.Namespace) -> str | bool | None:
     """What builder.build's cache argument gets from the flags."""
     return False if args.no_cache else args.cache

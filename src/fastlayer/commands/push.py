@@ -7,7 +7,12 @@ import argparse
 import os
 import sys
 
-from fastlayer.commands.cache import add_cache_flags, cache_choice
+from fastlayer.commands.cache import (
+    add_cache_flags,
+    add_shared_cache_flags,
+    cache_choice,
+    shared_cache,
+)
 from fastlayer.commands.pull import add_deadlines
 
 
@@ -41,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_deadlines(p, "push")
     add_cache_flags(p)
+    add_shared_cache_flags(p)
     p.set_defaults(func=run)
 
 
@@ -50,6 +56,7 @@ def is_spec(path: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastlayer.errors import FastlayerError
     from fastlayer.registry.push import push_image, push_spec
 
     common = dict(
@@ -67,9 +74,11 @@ def run(args: argparse.Namespace) -> int:
     if is_spec(args.source):
         result = push_spec(
             args.source, args.destination, compress=args.compress, cache=cache_choice(args),
-            **common,
+            **shared_cache(args), **common,
         )  # fmt: skip
     else:
+        if any(shared_cache(args).values()):
+            raise FastlayerError("--cache-repo/--cache-from/--cache-to: push a spec, not an image")
         result = push_image(
             args.source, args.destination, image_tag=args.image_tag,
             compress=args.compress or "gzip", cache=cache_choice(args), **common,
@@ -104,7 +113,7 @@ def run_batch(args: argparse.Namespace, common: dict) -> int:
     shard = parse_shard(args.shard) if args.shard else None
     result = push_many(
         args.source, args.destination, compress=args.compress, cache=cache_choice(args),
-        jobs=2, on_done=done, shard=shard, **common,
+        jobs=2, on_done=done, shard=shard, **shared_cache(args), **common,
     )  # fmt: skip
     if not args.quiet:
         print(f"fastlayer: {result.summary()}", file=sys.stderr)

@@ -183,6 +183,10 @@ class RegistrySink:
         self._held: dict[str, Blob] = {}  # diff_id -> blob the repository has (skips)
         self.untagged = False  # put the manifest by digest only (an index's member)
         self.manifest_size = 0
+        # blob digest -> a repository of this registry said to hold it (a layer cache
+        # shared through the registry): mounted from there first, its size then checked
+        self.mount_sources: dict[str, str] = {}
+        self.mount_fallback: str | None = None  # that cache's repository, for other blobs
         self._bar = _bar() if progress else None
         # Compress as produced when the cache knows nothing of this repository (a first
         # push: few hits expected); else spool first, so a cache hit skips compression.
@@ -280,9 +284,13 @@ class RegistrySink:
         it or can mount it."""
         for blob in dict.fromkeys(x for x in (hint, self.cache.layer(diff_id, self.kind)) if x):
             blob = Blob(blob.digest, blob.size, TO_OCI.get(blob.media_type, blob.media_type))
-            if self._present(blob):
+            # a blob a shared layer cache names is rarely here yet: mount first (a mount
+            # of a blob the repository has succeeds too), which saves a HEAD per layer
+            if blob.digest in self.mount_sources and self._mount(blob) == "":
+                self._count(mounted=1)
+            elif self._present(blob):
                 self._count(present=1)
-            elif self._mount(blob) == "":
+            elif blob.digest not in self.mount_sources and self._mount(blob) == "":
                 self._count(mounted=1)
             else:
                 continue
@@ -323,9 +331,16 @@ class RegistrySink:
         """Mount from a repository the cache names: "" when mounted, else the upload URL
         the registry opened instead, or None when no repository was tried."""
         location = None
-        for other in self.cache.repos_with(blob.digest):
-            if other == self.repo:
-                continue
+        shared = self.mount_sources.get(blob.digest)
+        if shared and shared != self.repo:
+            location = self.reg.start_upload(self.repo, mount=blob.digest, source=shared)
+            if location == "":
+                # a hint from another machine: the blob must be what it said
+                return "" if self._present(blob) else None
+        others = [r for r in self.cache.repos_with(blob.digest) if r not in (self.repo, shared)]
+        if not others and self.mount_fallback not in (None, self.repo, shared):
+            others = [self.mount_fallback]  # type: ignore[list-item]
+        for other in others:
             location = self.reg.start_upload(self.repo, mount=blob.digest, source=other)
             if location == "":
                 return ""
@@ -612,11 +627,15 @@ def push_spec(
     workers: int = WORKERS, progress: bool = False, timeout: float | None = DEADLINE,
     stall: float | None = STALL, cache: Any = None, plan: Any = None, inputs: Any = None,
     untagged: bool = False,
+    cache_repo: str | None = None, cache_from: str | None = None, cache_to: str | None = None,
+    remote: Any = None,
 ) -> PushResult:  # fmt: skip
     """Build spec's image straight into the registry (the builder, with our sink).
 
     cache, plan, inputs: as for builder.build_into. untagged: the manifest is put
-    by digest only (a member of an index pushed next)."""
+    by digest only (a member of an index pushed next). cache_repo (docker://REG/REPO),
+    or cache_from and cache_to apart: a layer cache shared through a registry
+    (cache/remote.py), or remote, one already open (its hits kept between pushes)."""
     from fastlayer.builder import build_into
     from fastlayer.spec import load_spec
 
@@ -629,19 +648,37 @@ def push_spec(
     sink = RegistrySink(reg, dest.repository, kind, workers, progress)
     sink.use_cache(cache)
     sink.untagged = untagged
+    own = remote is None
+    if own:
+        from fastlayer.cache.remote import RegistryCache
+
+        remote = RegistryCache.from_flags(
+            cache_repo, cache_from, cache_to, insecure=insecure, timeout=timeout, stall=stall
+        )  # fmt: skip
+    if remote is not None and remote.same_registry(dest, remote.source):
+        sink.mount_sources = remote.blob_sources  # hits are mounted from there
+        sink.mount_fallback = remote.source.repository  # so is any blob it holds
 
     built: list = []
 
     def body() -> tuple[ImageRecord, str]:
         built.append(build_into(
             spec, lambda _mtime: contextlib.nullcontext(sink), name=dest.name, tag=dest.tag,
-            cache=cache, plan=plan, inputs=inputs,
+            cache=cache, plan=plan, inputs=inputs, remote=remote,
         ))  # fmt: skip
         return built[0].record, built[0].tag
 
     try:
         result = _run(dest, sink, body)
+        if remote is not None:
+            # the entries, and the image's other small blobs (customisation layer, config)
+            # mounted there too, so that the next machine uploads none of them
+            last = result.layers[-1]
+            extra = [(last.digest, last.blob_size), (result.config_digest, -1)]
+            remote.store(dest, built[0].remote_new, extra)
     finally:
+        if own and remote is not None:
+            remote.close()
         reg.close()
     result.build = built[0]
     result.manifest_size = sink.manifest_size

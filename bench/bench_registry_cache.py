@@ -1,0 +1,178 @@
+"""The layer cache shared through a registry: machine B pushes what machine A built.
+
+    python bench/bench_registry_cache.py [--dir /tmp/fastlayer-bench-cache] [--size 1G]
+                                         [--repeat 3] [--lookups 1000]
+
+On the store of bench/synthstore.py (1 GiB by default) and a fresh
+docker-registry on 127.0.0.1, all in this run ("machines" are separate
+cache homes, XDG_CACHE_HOME; they share the store directory, which the
+portable keys do not look at beyond one lstat per store path):
+
+- A: cold `push SPEC docker://REG/team/plain:1` (no shared cache): the baseline;
+- A: cold `push` to team/a with `--cache-repo docker://REG/ci/cache`: what
+  writing the entries costs;
+- A again, unchanged, with its local cache warm (a HEAD per layer): the floor;
+- B (empty local cache, --repeat times, each with a fresh home and a new
+  target repository): `push` to team/bN with the same --cache-repo; the
+  blobs it uploads (the registry's access log) and, in a separate run under
+  strace, the store files it opens and their bytes;
+- lookups: --lookups keys asked of the cache repository at once (all misses,
+  404) and the ~100 keys of this image (all hits), in process;
+- what a download would cost against reading the store: the image's layer
+  blobs fetched from the registry, gunzipped and hashed, against a cold
+  `build -o - --no-cache` (to /dev/null) (store read + tar + sha256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests"), str(HERE.parent / "src")]
+
+from bench_cache import FASTLAYER, run, spec, store_bytes_read  # noqa: E402
+from registry_fixture import Registry  # noqa: E402
+from synthstore import ensure_store, parse_size  # noqa: E402
+
+OCI = "application/vnd.oci.image.manifest.v1+json"
+
+
+def env_of(home: Path) -> dict:
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    env = {**os.environ, "XDG_CACHE_HOME": str(home)}
+    env.pop("FASTLAYER_CACHE", None)
+    return env
+
+
+def push(spec_path: Path, dest: str, cache: str | None) -> list[str]:
+    argv = [*FASTLAYER, "push", str(spec_path), dest, "--insecure", "-q"]
+    return argv + (["--cache-repo", cache] if cache else [])
+
+
+def layers(host: str, repo: str) -> list[dict]:
+    req = urllib.request.Request(f"http://{host}/v2/{repo}/manifests/1", headers={"Accept": OCI})
+    with urllib.request.urlopen(req) as r:
+        return json.load(r)["layers"]
+
+
+def download(host: str, repo: str, blobs: list[dict]) -> tuple[float, int]:
+    """Seconds to GET, gunzip and sha256 every blob (one after another); bytes."""
+    from isal import isal_zlib
+
+    t = time.perf_counter()
+    total = 0
+    for b in blobs:
+        d = isal_zlib.decompressobj(31)
+        h = hashlib.sha256()
+        with urllib.request.urlopen(f"http://{host}/v2/{repo}/blobs/{b['digest']}") as r:
+            while chunk := r.read(1 << 20):
+                out = d.decompress(chunk)
+                h.update(out)
+                total += len(out)
+    return time.perf_counter() - t, total
+
+
+def lookups(host: str, keys: list[str]) -> float:
+    from fastlayer.cache.remote import RegistryCache
+    from fastlayer.registry.reference import parse_reference
+
+    cache = RegistryCache(parse_reference(f"{host}/ci/cache"), None, insecure=True)
+    t = time.perf_counter()
+    cache.lookup(keys)
+    took = time.perf_counter() - t
+    cache.close()
+    return took
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dir", default="/tmp/fastlayer-bench-cache")
+    p.add_argument("--size", default="1G")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--lookups", type=int, default=1000)
+    args = p.parse_args()
+    if not shutil.which("strace"):
+        raise SystemExit("bench_registry_cache needs strace (apt-get install strace)")
+    directory = Path(args.dir) / "store"
+    ensure_store(directory, parse_size(args.size))
+    store = directory / "nix" / "store"
+    res: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-rcache-", dir=args.dir) as tmp:
+        work = Path(tmp)
+        the_spec = spec(work / "app.toml", "bench/app", directory / "graph.json", directory)
+        reg = Registry(work / "registry").start()
+        host, cache = reg.host, f"docker://{reg.host}/ci/cache"
+        try:
+            build = [*FASTLAYER, "build", str(the_spec), "-o", "-", "--no-cache"]
+            run([*build, "--compress", "none"], env_of(work / "c"))  # untimed: the page cache
+            res["a_plain"] = run(push(the_spec, f"docker://{host}/team/plain:1", None),
+                                 env_of(work / "a0"))  # fmt: skip
+            res["a_cold"] = run(push(the_spec, f"docker://{host}/team/a:1", cache),
+                                env_of(work / "a"))  # fmt: skip
+            warm = run(push(the_spec, f"docker://{host}/team/a:1", cache), {**os.environ,
+                       "XDG_CACHE_HOME": str(work / "a")})  # fmt: skip
+            res["a_warm"] = warm  # A again, its own cache warm: one HEAD per layer
+            times, uploads = [], []
+            for i in range(args.repeat):
+                mark = reg.mark()
+                times.append(run(push(the_spec, f"docker://{host}/team/b{i}:1", cache),
+                                 env_of(work / f"b{i}")))  # fmt: skip
+                uploads.append(len(reg.uploads_since(mark)))
+            res["b"], res["b_uploads"] = min(times), max(uploads)
+            res["startup"] = run([sys.executable, "-c", "import fastlayer.registry.push, numpy"])
+            files, read = store_bytes_read(
+                push(the_spec, f"docker://{host}/team/bs:1", cache),
+                store, env_of(work / "bs"),
+            )  # fmt: skip
+            res["b_files_read"], res["b_bytes_read"] = files, read
+            blobs = layers(host, "team/a")
+            res["layers"] = len(blobs)
+            assert layers(host, "team/b0") == blobs, "B pushed another image"
+            keys = [secrets.token_hex(32) for _ in range(args.lookups)]
+            res["lookup_misses"] = lookups(host, keys)
+            with urllib.request.urlopen(f"http://{host}/v2/ci/cache/tags/list") as r:
+                tags = json.load(r)["tags"]
+            res["entries"] = len(tags)
+            res["lookup_hits"] = lookups(host, tags)
+            res["download"], res["layer_bytes"] = download(host, "team/a", blobs)
+            res["store_build"] = run([*build, "--compress", "none"], env_of(work / "c"))
+        finally:
+            reg.stop()
+    report(res, args)
+    return 0
+
+
+def report(res: dict, args: argparse.Namespace) -> None:
+    mib = 1 << 20
+    print(f"A cold push, no shared cache: {res['a_plain']:.2f} s")
+    print(f"A cold push with --cache-repo: {res['a_cold']:.2f} s "
+          f"({res['a_cold'] / res['a_plain']:.3f}x; {res['entries']} entries written)")  # fmt: skip
+    print(f"B push of the same image, empty local cache: {res['b']:.2f} s "
+          f"({res['b'] / res['a_cold']:.3f}x A's cold push); blobs uploaded: {res['b_uploads']}; "
+          f"store files opened: {res['b_files_read']} ({res['b_bytes_read']} bytes); "
+          f"of which Python start and imports: {res['startup']:.2f} s")  # fmt: skip
+    print(f"A's unchanged re-push, its local cache warm: {res['a_warm']:.2f} s "
+          f"({res['a_warm'] / res['a_cold']:.3f}x)")  # fmt: skip
+    n = args.lookups
+    print(f"lookups: {n} misses in {res['lookup_misses'] * 1000:.0f} ms "
+          f"({res['lookup_misses'] / n * 1e6:.0f} us each); {res['entries']} hits in "
+          f"{res['lookup_hits'] * 1000:.0f} ms")  # fmt: skip
+    dl, sb, size = res["download"], res["store_build"], res["layer_bytes"]
+    print(f"{res['layers']} layers, {size / mib:.0f} MiB: download + gunzip + sha256 {dl:.2f} s "
+          f"({size / mib / dl:.0f} MiB/s); cold build from the store to /dev/null {sb:.2f} s "
+          f"({size / mib / sb:.0f} MiB/s)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
