@@ -26,6 +26,7 @@ from tarref import reference_layer
 
 import fastlayer
 from fastlayer.emit import Owner, pump, store_layer
+from fastlayer.errors import FastlayerError
 from fastlayer.sinks import open_sink
 
 SRC = str(Path(fastlayer.__file__).resolve().parent.parent)
@@ -228,3 +229,60 @@ def test_a_layer_of_another_size_than_announced_leaves_no_archive(tmp_path, prod
         with open_sink(str(out), "docker-archive", "none") as sink:
             sink.add_layer(Lying(10240, produced))
     assert list(out.parent.iterdir()) == []
+
+
+# -- verify_base through build() -----------------------------------------------------
+
+
+def tampered_base(tmp_path: Path) -> tuple[Path, str]:
+    """A base whose layer bytes were changed in place (same size); (path, claimed diff_id)."""
+    root = tmp_path / "base-root"
+    root.mkdir()
+    (root / "data").write_bytes(b"A" * 4096)
+    built = tmp_path / "built.tar"
+    fastlayer.build({"name": "base", "tag": "1", "contents": {"roots": [str(root)]}}, str(built))
+    claimed = read_config(built)["rootfs"]["diff_ids"][0]
+    base = tmp_path / "base.tar"
+    with tarfile.open(built) as src, tarfile.open(base, "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isfile() else None
+            if data is not None and member.name.endswith("layer.tar"):
+                assert data.count(b"A" * 64) > 0
+                data = data.replace(b"A" * 64, b"B" * 64)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    return base, claimed
+
+
+def test_build_verifies_base_layers_unless_verify_base_is_false(tmp_path):
+    base, claimed = tampered_base(tmp_path)
+    out = tmp_path / "child.tar"
+    spec = {"name": "child", "tag": "1", "from_image": str(base)}
+    with pytest.raises(FastlayerError, match=f"not its diff_id {claimed}"):
+        fastlayer.build(spec, str(out))
+    assert not out.exists()
+    fastlayer.build({**spec, "verify_base": False}, str(out))  # trusted: copied as it is
+    assert read_config(out)["rootfs"]["diff_ids"][0] == claimed
+    with tarfile.open(out) as t:
+        manifest = json.load(t.extractfile("manifest.json"))[0]
+        first = t.extractfile(manifest["Layers"][0]).read()
+    assert b"B" * 64 in first and hashlib.sha256(first).hexdigest() != claimed[7:]
+
+
+# -- the derived tag: the formula README gives ------------------------------------------
+
+
+def test_the_derived_tag_is_the_config_hash_readme_states(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f").write_text("tagged\n")
+    out = tmp_path / "img.tar"
+    result = fastlayer.build(
+        {"name": "app", "contents": {"roots": [str(root)]},
+         "config": {"Env": ["A=1"], "Labels": {"z": "1", "a": "2"}}}, str(out)
+    )  # fmt: skip
+    config = read_config(out)
+    # README: sha256 of json.dumps(config, sort_keys=True), first 32 hex characters
+    want = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:32]
+    assert result.tag == want
+    with tarfile.open(out) as t:
+        assert json.load(t.extractfile("manifest.json"))[0]["RepoTags"] == [f"app:{want}"]
