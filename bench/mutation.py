@@ -108,6 +108,13 @@ CRITICAL = [
         [T_AUTH + "::test_a_registry_with_an_unknown_ca_is_refused_unless_its_ca_is_given"],
     ),
     Mutation(
+        "client: a 303 re-sends the request with its body",
+        "src/fastlayer/registry/client.py",
+        'if r.status_code == 303 and method != "HEAD":',
+        'if r.status_code == 303 and method == "HEAD":',
+        [T_INTEGRITY + "::test_an_upload_answered_with_303_is_followed_with_a_get_not_sent_again"],
+    ),
+    Mutation(
         "auth: containers auth.json not read",
         "src/fastlayer/registry/auth.py",
         'files.append(os.path.join(os.environ["XDG_RUNTIME_DIR"], "containers", "auth.json"))',

@@ -207,3 +207,27 @@ def test_a_same_size_edit_of_an_oci_base_manifest_is_refused(tmp_path):
     with pytest.raises(FastlayerError, match="does not match its descriptor's digest and size"):
         fastlayer.build({"name": "child", "tag": "1", "from_image": str(base)}, str(out))
     assert not out.exists()
+
+
+# -- redirects: a 303 is followed with a GET ----------------------------------------
+
+
+def test_an_upload_answered_with_303_is_followed_with_a_get_not_sent_again(tmp_path, registry):
+    """RFC 9110: after 303 See Other the client GETs the Location; the blob is not
+    sent a second time to wherever the registry points, and the GET carries no
+    Content-Length (with one, the server waited for a body: a stall until the limit)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f").write_bytes(b"x" * 5000)
+    reg = registry()
+    reg.on("HEAD", r"/v2/.*", lambda h, m: h.send(404))
+    reg.on("POST", r"/v2/team/app/blobs/uploads/", lambda h, m: h.send(
+        202, b"", {"Location": "/upload/1"}))  # fmt: skip
+    reg.on("PUT", r"/upload/.*", lambda h, m: h.send(303, b"", {"Location": "/done"}))
+    reg.on("GET", r"/done", lambda h, m: h.send(201))
+    reg.on("PUT", r"/v2/team/app/manifests/.*", lambda h, m: h.send(201))
+    spec = {"name": "app", "tag": "1", "contents": {"roots": [str(root)]}}
+    fastlayer.push_spec(spec, f"docker://{reg.host}/team/app:1", insecure=True, timeout=20)
+    done = [s for s in reg.seen if s.path == "/done"]
+    assert [(s.method, s.body) for s in done] == [("GET", b"")] * 2  # the layer, the config
+    assert all("content-length" not in s.headers for s in done)
