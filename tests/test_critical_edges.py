@@ -286,3 +286,67 @@ def test_the_derived_tag_is_the_config_hash_readme_states(tmp_path):
     assert result.tag == want
     with tarfile.open(out) as t:
         assert json.load(t.extractfile("manifest.json"))[0]["RepoTags"] == [f"app:{want}"]
+
+
+# -- found by the sampled cosmic-ray run ---------------------------------------------
+
+
+@pytest.mark.parametrize("wrap", ["map", "pipe", "over"])
+def test_steps_nested_too_deep_are_one_error_whatever_the_step(wrap):
+    from fastlayer.plan.pipeline import MAX_NESTING, compile_pipeline
+
+    step: list = ["popularity_contest"]
+    for _ in range(MAX_NESTING + 2):
+        step = {"map": ["map", step], "pipe": ["pipe", [step]], "over": ["over", "x", step]}[wrap]
+    with pytest.raises(FastlayerError, match=f"nested deeper than {MAX_NESTING} levels"):
+        compile_pipeline([step])
+
+
+def test_a_single_file_store_path_is_linked_by_its_name(tmp_path):
+    """link_store_paths: a store path that is one file becomes /<name> -> the path."""
+    store = tmp_path / "nix" / "store"
+    store.mkdir(parents=True)
+    path = "/nix/store/" + "a" * 32 + "-tool"
+    (tmp_path / path.lstrip("/")).write_text("#!/bin/sh\n")
+    graph = tmp_path / "graph.json"
+    graph.write_text(json.dumps([{"path": path, "references": [path], "narSize": 1}]))
+    out = tmp_path / "img.tar"
+    fastlayer.build({"name": "app", "tag": "1", "store_root": str(tmp_path),
+                     "contents": {"store_paths": [path], "graph": str(graph),
+                                  "link_store_paths": True}}, str(out))  # fmt: skip
+    with tarfile.open(out) as t:
+        manifest = json.load(t.extractfile("manifest.json"))[0]
+        top = tarfile.open(fileobj=io.BytesIO(t.extractfile(manifest["Layers"][-1]).read()))
+        link = top.getmember("/tool")
+    assert link.issym() and link.linkname == path
+
+
+def test_a_base_whose_config_section_is_null_is_a_base(tmp_path):
+    """The image spec makes `config` optional; some bases carry `"config": null`."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f").write_text("base\n")
+    base = tmp_path / "base"
+    fastlayer.build({"name": "base", "tag": "1", "contents": {"roots": [str(root)]}}, str(base),
+                    format="oci-dir")  # fmt: skip
+    blobs = base / "blobs" / "sha256"
+
+    def put(doc: dict) -> tuple[str, int]:
+        raw = json.dumps(doc).encode()
+        digest = hashlib.sha256(raw).hexdigest()
+        (blobs / digest).write_bytes(raw)
+        return "sha256:" + digest, len(raw)
+
+    index = json.loads((base / "index.json").read_text())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_text())
+    config = json.loads((blobs / manifest["config"]["digest"][7:]).read_text())
+    config["config"] = None
+    manifest["config"]["digest"], manifest["config"]["size"] = put(config)
+    index["manifests"][0]["digest"], index["manifests"][0]["size"] = put(manifest)
+    (base / "index.json").write_text(json.dumps(index))
+    out = tmp_path / "child.tar"
+    fastlayer.build({"name": "child", "tag": "1", "from_image": str(base),
+                     "config": {"Cmd": ["/f"]}}, str(out))  # fmt: skip
+    child = read_config(out)
+    assert child["config"] == {"Cmd": ["/f"]}
+    assert child["rootfs"]["diff_ids"][0] == config["rootfs"]["diff_ids"][0]

@@ -218,3 +218,20 @@ def test_a_registry_with_an_unknown_ca_is_refused_unless_its_ca_is_given(tmp_pat
         assert (out / "a.tar").is_file()
     finally:
         reg.stop()
+
+
+@pytest.mark.parametrize("scheme", ["Digest", "Negotiate", "Zeta"])
+def test_a_challenge_of_another_scheme_is_refused_and_its_realm_never_asked(
+    env, monkeypatch, scheme
+):
+    realm, reg = Hostile(), Hostile()
+    try:
+        put_credentials("containers", env, monkeypatch, reg.host, PASSWORD)
+        challenge = f'{scheme} realm="http://{realm.host}/token",service="x"'
+        reg.on("GET", r"/v2/.*", lambda h, m: h.send(401, b"", {"WWW-Authenticate": challenge}))
+        with pytest.raises(FastlayerError, match="401 for .* no usable challenge"):
+            pull(f"{reg.host}/team/app:1", str(env / "a.tar"), insecure=True, timeout=10)
+        assert realm.seen == [] and reg.authorizations() == []
+    finally:
+        realm.stop()
+        reg.stop()
