@@ -1,9 +1,15 @@
 """A real registry for tests: Debian's `docker-registry` on 127.0.0.1, filesystem storage.
 
-`Registry.start(base, users=...)` runs `docker-registry serve` on a free
-loopback port (optionally with htpasswd basic auth), waits (bounded) until
-/v2/ answers, and keeps its log, whose access-log lines let tests count
-what was uploaded. `stop()` ends exactly the process it started.
+`Registry(base, users=..., tls=...).start()` runs `docker-registry serve` on
+127.0.0.1 (optionally with htpasswd basic auth, or TLS with a given
+certificate), waits (bounded) until /v2/ answers, and keeps its log, whose
+access-log lines let tests count what was uploaded. `stop()` ends exactly the
+process it started.
+
+Ports are never picked and closed to be bound later (another test running in
+parallel could take one in between): the registry binds port 0 itself and
+its log says which port it got; a restart asks for that same port again.
+The token service binds its port when it is made.
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import re
-import socket
+import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,7 +39,13 @@ storage:
 http:
   addr: 127.0.0.1:{port}
   secret: fastlayer-test-secret
-{auth}"""
+{tls}{auth}"""
+
+TLS = """\
+  tls:
+    certificate: {cert}
+    key: {key}
+"""
 
 AUTH = """\
 auth:
@@ -41,13 +54,8 @@ auth:
     path: {htpasswd}
 """
 
+_LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
 _ACCESS = re.compile(r'"(GET|HEAD|PUT|POST|PATCH|DELETE) (\S+) HTTP/[\d.]+" (\d+)')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bcrypt_hash(password: str) -> str:
@@ -75,27 +83,45 @@ def bcrypt_hash(password: str) -> str:
 
 
 class Registry:
-    def __init__(self, base: Path, users: dict[str, str] | None = None):
+    def __init__(
+        self, base: Path, users: dict[str, str] | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ):  # fmt: skip
+        """tls: (certificate, key) PEM files: the registry speaks HTTPS only."""
         self.exe = validators.require("docker-registry")
         self.base = Path(base)
         self.base.mkdir(parents=True, exist_ok=True)
         self.root = self.base / "storage"
-        self.port = free_port()
+        self.port = 0  # known once started
         self.log_path = self.base / "registry.log"
+        self.tls = tls
         auth = ""
         if users:
             htpasswd = self.base / "htpasswd"
             htpasswd.write_text("".join(f"{u}:{bcrypt_hash(p)}\n" for u, p in users.items()))
             auth = AUTH.format(htpasswd=htpasswd)
         self.config = self.base / "config.yml"
-        self.config.write_text(CONFIG.format(root=self.root, port=self.port, auth=auth))
+        self._tls = TLS.format(cert=tls[0], key=tls[1]) if tls else ""
+        self._auth = auth
+        self._write_config()
         self.proc: subprocess.Popen | None = None
+
+    def _write_config(self) -> None:
+        text = CONFIG.format(root=self.root, port=self.port, tls=self._tls, auth=self._auth)
+        self.config.write_text(text + getattr(self, "extra_config", ""))
+
+    def add_config(self, text: str) -> None:
+        """Append to the config (top-level sections such as auth)."""
+        self.extra_config = getattr(self, "extra_config", "") + text
+        self._write_config()
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> Registry:
+        """Serve: on a port of its own choosing the first time, the same one after."""
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 (the process keeps it)
         self.proc = subprocess.Popen(
             [self.exe, "serve", str(self.config)], stdout=log, stderr=subprocess.STDOUT,
@@ -103,11 +129,27 @@ class Registry:
         )  # fmt: skip
         log.close()
         deadline = time.monotonic() + 20
+        context = None
+        if self.tls:  # only whether it answers: the tests check the certificate
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"docker-registry exited:\n{self.log_path.read_text()}")
+            if not self.port:
+                with open(self.log_path, "rb") as f:
+                    f.seek(offset)
+                    m = _LISTENING.search(f.read())
+                if m is None:
+                    time.sleep(0.05)
+                    continue
+                self.port = int(m[1])
+                self._write_config()  # a restart binds this port again
+            scheme = "https" if self.tls else "http"
             try:
-                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2).close()
+                urllib.request.urlopen(
+                    f"{scheme}://{self.host}/v2/", timeout=2, context=context
+                ).close()
                 return self
             except urllib.error.HTTPError as e:
                 if e.code == 401:
@@ -202,8 +244,9 @@ class TokenService:
         self.cert_path = Path(base) / "token-cert.pem"
         self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
         self._der = self.cert.public_bytes(serialization.Encoding.DER)
-        self.port = free_port()
-        self.server = None
+        self.server = self._server()  # bound here: port 0, the kernel picks, no race
+        self.port = self.server.server_address[1]
+        self._thread: threading.Thread | None = None
 
     def token(self, user: str | None, scopes: list[str]) -> str:
         import base64
@@ -236,9 +279,13 @@ class TokenService:
         return f"{signing}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
     def start(self) -> TokenService:
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def _server(self):
         import base64
         import json
-        import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         from urllib.parse import parse_qs, urlparse
 
@@ -268,15 +315,13 @@ class TokenService:
             def log_message(self, *args) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
+        return ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+        if self._thread is not None:
+            self.server.shutdown()  # waits for serve_forever: only once it runs
+            self._thread = None
+        self.server.server_close()
 
 
 def token_registry(base: Path, users: dict[str, str]) -> tuple[Registry, TokenService]:
@@ -287,6 +332,5 @@ def token_registry(base: Path, users: dict[str, str]) -> tuple[Registry, TokenSe
         validators.unavailable("python cryptography (to sign test tokens) not installed")
         raise
     reg = Registry(base)
-    auth = TOKEN_AUTH.format(port=service.port, cert=service.cert_path)
-    reg.config.write_text(reg.config.read_text() + auth)
+    reg.add_config(TOKEN_AUTH.format(port=service.port, cert=service.cert_path))
     return reg, service

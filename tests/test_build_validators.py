@@ -81,6 +81,12 @@ def test_arm64_and_variant_in_inspect(tmp_path, closure, podman):
     podman.load(out)
     inspect = podman.inspect("reg.example:5000/team/app:arm")
     assert inspect["Architecture"] == "arm64"
+    # podman's inspect has no variant field: skopeo reads the config podman would
+    skopeo = validators.require("skopeo")
+    config = json.loads(
+        validators.run_tool([skopeo, "inspect", "--config", f"docker-archive:{out}"])
+    )
+    assert (config["architecture"], config["variant"], config["os"]) == ("arm64", "v8", "linux")
 
 
 def test_budget_two_layers_holds_every_path(tmp_path, podman):

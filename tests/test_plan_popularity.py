@@ -59,9 +59,16 @@ def brute_force(nodes: list[dict]) -> dict[str, int]:
     return out
 
 
+def tie_order(path: str) -> str:
+    """closure-graph.py's tie-break, written out here: the path's dash-separated
+    fields with the first one (`/nix/store/<hash>`) moved to the end."""
+    fields = path.split("-")
+    return "-".join(fields[1:] + fields[:1])
+
+
 def expected_order(nodes: list[dict]) -> list[str]:
     pop = brute_force(nodes)
-    return sorted(pop, key=lambda p: (-pop[p], tie_key(p)))
+    return sorted(pop, key=lambda p: (-pop[p], tie_order(p)))
 
 
 def random_nodes(seed: int, n: int, p: float) -> list[dict]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import random
 
+from test_plan_popularity import expected_order
+
 from fastlayer.cli import main
 from fastlayer.graph import graph_from_json
 from fastlayer.plan import make_plan
@@ -25,18 +27,21 @@ def store(seed=3, n=400):
     return nodes
 
 
-def build(nodes, gen: dict[int, int]):
-    """The graph where node i has build generation gen.get(i, 0) (its hash)."""
+def as_json(nodes, gen: dict[int, int]) -> list[dict]:
+    """exportReferencesGraph nodes where node i has build generation gen.get(i, 0)."""
 
     def name(i):
         return f"{S}{gen.get(i, 0)}h{i:04d}-pkg{i}"
 
-    return graph_from_json(
-        [
-            {"path": name(x["i"]), "references": [name(j) for j in x["refs"]], "narSize": x["size"]}
-            for x in nodes
-        ]
-    )
+    return [
+        {"path": name(x["i"]), "references": [name(j) for j in x["refs"]], "narSize": x["size"]}
+        for x in nodes
+    ]
+
+
+def build(nodes, gen: dict[int, int]):
+    """The graph where node i has build generation gen.get(i, 0) (its hash)."""
+    return graph_from_json(as_json(nodes, gen))
 
 
 def bumped(nodes, changed: int) -> dict[int, int]:
@@ -76,8 +81,8 @@ def test_unchanged_graph_reuses_every_layer():
 def test_first_build_gives_popular_paths_their_own_layers():
     g = build(store(), {})
     plan = make_plan(g, "stable", 40)
-    top = make_plan(g, "popularity", 40).layers[0].paths  # the most popular path
-    assert [top[0]] in [x.paths for x in plan.layers]
+    top = expected_order(as_json(store(), {}))[0]  # the most popular path, by the formula
+    assert [top] in [x.paths for x in plan.layers]
     check_complete(g, plan, 40)
 
 
@@ -162,6 +167,7 @@ def test_previous_plan_of_another_graph_is_harmless(tmp_path):
         )
         == 0
     )
-    assert [x["paths"] for x in json.loads(out.read_text())["layers"]] == [
-        x.paths for x in plan.layers
-    ]
+    written = [x["paths"] for x in json.loads(out.read_text())["layers"]]
+    assert sorted(p for paths in written for p in paths) == sorted(g.names)  # each path once
+    assert len(written) <= 8  # --max-layers 9 leaves one for the customisation layer
+    assert written == [x.paths for x in plan.layers]  # the command passes --previous on

@@ -26,7 +26,6 @@ from fastlayer.errors import FastlayerError
 from fastlayer.sinks import open_sink
 from fastlayer.sinks.base import split_ref
 from fastlayer.sinks.compress import compressor
-from fastlayer.sinks.docker_image import chain_id
 
 TAG = "reg.example:5000/team/app:v1"
 NAMES = ["aaaa-base", "bbbb-lib", "cccc-app"]
@@ -110,8 +109,13 @@ def test_docker_archive_carries_both_specs(store, tmp_path):
     chain, top = legacy_layers(out)
     assert chain == diff_ids
     assert top["config"]["Cmd"] == ["/nix/store/x/bin/tool"] and "rootfs" not in top
-    # legacy ids are chain ids; each layer's bytes are stored once
-    assert archive.layer_names[1] == chain_id(diff_ids[0][7:], diff_ids[1][7:]) + "/layer.tar"
+    # legacy ids are the OCI spec's chain ids (computed here, not by fastlayer):
+    # ChainID(L1) = DiffID(L1), ChainID(L1..Ln) = sha256(ChainID(L1..Ln-1) + " " + DiffID(Ln))
+    chains = [diff_ids[0]]
+    for d in diff_ids[1:]:
+        chains.append("sha256:" + hashlib.sha256(f"{chains[-1]} {d}".encode()).hexdigest())
+    assert archive.layer_names == [c[7:] + "/layer.tar" for c in chains]
+    # each layer's bytes are stored once
     with tarfile.open(out) as tar:
         stored = [m for m in tar.getmembers() if m.isreg() and m.name.endswith("layer.tar")]
         assert len(stored) == len(NAMES)

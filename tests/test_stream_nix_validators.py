@@ -581,11 +581,13 @@ def test_validators_reject_a_corrupted_layer(image, fresh_podman, tmp_path):
         skopeo_copy_to_oci(bad, tmp_path / "bad-oci", "t")
 
     oci = skopeo_copy_to_oci(image.path, tmp_path / "oci", "t")
+    umoci_unpack(oci, "t", tmp_path / "good")  # unpacks before the flip: the flip is the cause
     blob = max((oci / "blobs/sha256").iterdir(), key=lambda p: p.stat().st_size)
     blob_data = bytearray(blob.read_bytes())
     blob_data[len(blob_data) // 2] ^= 0xFF
     blob.write_bytes(blob_data)
-    with pytest.raises(ValidatorError):
+    # skopeo's layers are gzip: the flip breaks the gzip stream before umoci's digest check
+    with pytest.raises(ValidatorError, match="(?i)digest mismatch|gzip: invalid checksum|corrupt"):
         umoci_unpack(oci, "t", tmp_path / "bundle")
 
 

@@ -19,6 +19,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -119,6 +120,9 @@ class Podman:
         self.exe = exe
         self.base = Path(base)
         (self.base / "tmp").mkdir(parents=True, exist_ok=True)
+        # podman refuses a runroot longer than 50 characters, which a pytest
+        # temporary path passes under xdist (.../popen-gw0/podman12/runroot)
+        self.runroot = Path(tempfile.mkdtemp(prefix="fl-podman-", dir="/tmp"))
         conf = self.base / "containers.conf"
         conf.write_text(CONTAINERS_CONF.format(base=self.base))
         self.env = {**os.environ, "CONTAINERS_CONF": str(conf), "TMPDIR": str(self.base / "tmp")}
@@ -129,7 +133,7 @@ class Podman:
             "--root",
             str(self.base / "root"),
             "--runroot",
-            str(self.base / "runroot"),
+            str(self.runroot),
             "--storage-driver",
             "vfs",
             *map(str, args),
@@ -164,7 +168,10 @@ class Podman:
 
     def reset(self) -> None:
         """Remove every image, container and the store itself."""
-        run_tool(self.argv("system", "reset", "--force"), env=self.env)
+        try:
+            run_tool(self.argv("system", "reset", "--force"), env=self.env)
+        finally:
+            shutil.rmtree(self.runroot, ignore_errors=True)
 
 
 # --- skopeo / umoci --------------------------------------------------------

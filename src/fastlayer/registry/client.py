@@ -238,6 +238,10 @@ def _no_netrc(r: requests.PreparedRequest) -> requests.PreparedRequest:
 # -- the registry ---------------------------------------------------------------------
 
 
+# Headers describing a request body: dropped when a 303 turns the request into a GET.
+_BODY = ("content-length", "content-type", "content-range", "content-encoding")
+
+
 class Registry:
     def __init__(
         self, registry: str, api_host: str, insecure: bool = False, pool: int = 8,
@@ -357,7 +361,10 @@ class Registry:
                 )
             url, params = urljoin(r.url, location), None  # r.url already holds the params
             if r.status_code == 303 and method != "HEAD":
+                # a GET without the body, and without the headers that describe one:
+                # a Content-Length kept would make the server wait for bytes never sent
                 method, data = "GET", None
+                headers = {k: v for k, v in (headers or {}).items() if k.lower() not in _BODY}
         raise FastlayerError(
             f"registry {self.registry}: more than {MAX_REDIRECTS} redirects during {what}"
         )

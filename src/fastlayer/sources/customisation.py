@@ -92,26 +92,30 @@ def run_extra_commands(commands: str, staging: Path) -> None:
     """`/bin/sh -ec commands` in staging, in a process group of its own that is
     killed whole when it ends or the build stops (a signal, an error), so no
     process it started keeps writing into the staging directory."""
-    with interrupts.deferred():  # a signal must not come between the start and the try
-        proc = subprocess.Popen(
-            ["/bin/sh", "-ec", commands],
-            cwd=staging,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",  # its messages may be in any encoding
-            start_new_session=True,
-        )
+    proc: subprocess.Popen | None = None
     try:
+        # a signal during the start is raised as the block ends: inside this try,
+        # once proc is set, so the group is killed (the shell may already run)
+        with interrupts.deferred():
+            proc = subprocess.Popen(
+                ["/bin/sh", "-ec", commands],
+                cwd=staging,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                errors="replace",  # its messages may be in any encoding
+                start_new_session=True,
+            )
         _, err = proc.communicate()
     finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
     if proc.returncode != 0:
         last = (err.strip().splitlines() or ["(no output)"])[-1]
         raise FastlayerError(f"extra_commands failed with exit code {proc.returncode}: {last}")
