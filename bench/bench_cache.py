@@ -66,20 +66,24 @@ def best(times: list[float]) -> float:
 
 
 def store_bytes_read(argv: list[str], store: Path, env: dict | None = None) -> tuple[int, int]:
-    """(files, bytes) opened for reading under store by argv (strace), sizes from disk."""
+    """(files, bytes) argv read from files under store, counted by strace: every
+    read, pread and kernel copy from a descriptor whose path (-y) is in the store
+    (files are opened relative to their directory, so open calls do not name them)."""
     with tempfile.NamedTemporaryFile(suffix=".strace") as log:
-        cmd = ["strace", "-f", "-qq", "-e", "trace=openat", "-o", log.name, *argv]
+        calls = "read,pread64,readv,preadv,preadv2,copy_file_range,sendfile"
+        cmd = ["strace", "-f", "-qq", "-y", "-e", f"trace={calls}", "-o", log.name, *argv]
         proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(argv)} failed under strace")
         files: set[str] = set()
-        pattern = re.compile(r'openat\([^,]+, "([^"]+)", ([^)]*)\) = \d+')
+        total = 0
+        pattern = re.compile(r"(\w+)\((\d+)<([^>]*)>.*\) = (\d+)")
         for line in Path(log.name).read_text(errors="replace").splitlines():
             m = pattern.search(line)
-            if m and m.group(1).startswith(str(store)) and "O_DIRECTORY" not in m.group(2):
-                files.add(m.group(1))
-    size = sum(os.lstat(f).st_size for f in files if os.path.isfile(f))
-    return len(files), size
+            if m and m.group(3).startswith(str(store)):
+                files.add(m.group(3))
+                total += int(m.group(4))
+    return len(files), total
 
 
 def tree_bytes(path: Path) -> int:
