@@ -252,3 +252,22 @@ def test_shards_build_every_spec_once_and_keep_their_specs_when_more_are_added(t
     argv = ["build", *specs, "-o", str(tmp_path / "x"), "--shard", "3/2"]
     r = subprocess.run([sys.executable, "-m", "fastlayer", *argv], capture_output=True, text=True)
     assert r.returncode == 1 and "--shard '3/2'" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_shared_file_layer_is_built_once_even_with_two_jobs(tmp_path):
+    """Two specs with the same [[layers]] directory: the second image waits for the
+    first and copies that layer, whatever -j says."""
+    shared = tmp_path / "assets"
+    shared.mkdir()
+    (shared / "data.bin").write_bytes(bytes(range(256)) * 2048)
+    specs = []
+    for app in ("a", "b"):
+        f = tmp_path / f"{app}.json"
+        f.write_text(json.dumps({
+            "name": f"team/{app}", "tag": "1", "config": {"Cmd": [app]},
+            "layers": [{"name": "assets", "paths": [str(shared)], "dest": "/srv"}],
+        }))  # fmt: skip
+        specs.append(str(f))
+    result = build_many(specs, str(tmp_path / "out"), jobs=2, cache=str(tmp_path / "cache"))
+    c = result.counts()
+    assert not result.failed and (c["layers_built"], c["layers_reused"]) == (1, 1)

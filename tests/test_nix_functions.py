@@ -27,8 +27,12 @@ import validators
 from nixbuild import closure_in_store, nix_env, verify_store
 from registry_fixture import Registry
 
+import fastlayer
+
 REPO = Path(__file__).resolve().parent.parent
-SRC = REPO / "src"
+# where the fastlayer under test lives: site-packages once installed (CI's
+# `pip install .`), src/ in a development tree; its native modules are built there
+SRC = Path(fastlayer.__file__).resolve().parent.parent
 pytestmark = pytest.mark.validators
 
 # Closures built with /bin/sh of this machine (sandbox off, as in test_nix_db.py).

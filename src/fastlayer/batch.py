@@ -408,15 +408,17 @@ def _drive(
 
 
 def _plan_keys(item: Item) -> list[str]:
-    """Recipe keys of the item's planned store layers (for the schedule only)."""
-    if item.plan is None:
-        return []
+    """Recipe keys of the item's planned store layers and its file layers (for the
+    schedule only: an image waits for the one that first produces a layer it has)."""
     from fastlayer.builder import owner_of
-    from fastlayer.cache.keys import store_layer_key
+    from fastlayer.cache.keys import file_layer_key, store_layer_key
 
-    assert item.spec is not None
-    owner = owner_of(item.spec)
-    found = [store_layer_key(x.paths, owner, item.spec.store_root) for x in item.plan.layers]
+    assert item.spec is not None and item.inputs is not None
+    spec, owner = item.spec, owner_of(item.spec)
+    layers = item.plan.layers if item.plan is not None else []
+    found = [store_layer_key(x.paths, owner, spec.store_root) for x in layers]
+    found += [file_layer_key(f.lead_dirs, f.roots, owner, spec.permissions)
+              for f in item.inputs.files]  # fmt: skip
     return [k for k in found if k]
 
 

@@ -159,10 +159,14 @@ def run_index(args: argparse.Namespace) -> int:
         raise FastlayerError("--index writes an OCI image index: use it with --format oci-dir")
     if args.shard or args.metadata:
         raise FastlayerError("--index takes neither --shard nor --metadata")
+
+    def done(item) -> None:
+        item.output = args.output  # not the temporary layout it is built in
+        _report_item(item, args.quiet)
+
     result, digest = build_index(
-        args.spec, args.output, compress=args.compress, cache=cache_choice(args),
-        on_done=lambda item: _report_item(item, args.quiet),
-    )  # fmt: skip
+        args.spec, args.output, compress=args.compress, cache=cache_choice(args), on_done=done
+    )
     if digest is None:
         print(f"fastlayer: {result.summary()}; no index written", file=sys.stderr)
         return 1
