@@ -55,8 +55,8 @@ DECODERS = {
 }
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one child."""
+def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MiB) and CPU seconds (user + sys) of one child."""
     t = time.perf_counter()
     with open(os.devnull, "wb") as null:
         p = subprocess.Popen(cmd, stdout=null, env=env)
@@ -64,12 +64,14 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float
     wall = time.perf_counter() - t
     if status != 0:
         sys.exit(f"failed: {' '.join(cmd)}")
-    return wall, ru.ru_maxrss / 1024
+    return wall, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime
 
 
-def best(cmd: list[str], repeat: int, env: dict[str, str] | None = None) -> tuple[float, float]:
+def best(
+    cmd: list[str], repeat: int, env: dict[str, str] | None = None
+) -> tuple[float, float, float]:
     runs = [run(cmd, env) for _ in range(repeat)]
-    return min(r[0] for r in runs), max(r[1] for r in runs)
+    return min(r[0] for r in runs), max(r[1] for r in runs), min(r[2] for r in runs)
 
 
 def ensure_graph(path: Path, n: int) -> None:
@@ -87,14 +89,14 @@ def ensure_graph(path: Path, n: int) -> None:
     tmp.rename(path)
 
 
-def bench(path: Path, repeat: int, baseline: str | None) -> None:
+def bench(path: Path, repeat: int, baseline: str | None, decoders: bool = True) -> None:
     size = path.stat().st_size / 2**20
     print(f"## {path.name}: {size:.0f} MiB")
-    print("| run | wall s | peak RSS MiB | time / json.load |")
-    print("|---|---|---|---|")
+    print("| run | wall s | CPU s | peak RSS MiB | time / json.load |")
+    print("|---|---|---|---|---|")
     rows = []
     for name, (module, code) in DECODERS.items():
-        if module and importlib.util.find_spec(module) is None:
+        if module and (not decoders or importlib.util.find_spec(module) is None):
             continue
         rows.append((name, *best([sys.executable, "-c", code, str(path)], repeat)))
     base = rows[0][1]
@@ -103,8 +105,8 @@ def bench(path: Path, repeat: int, baseline: str | None) -> None:
     if baseline:
         env = dict(os.environ, PYTHONPATH=baseline)
         rows.append(("baseline fastlayer rank", *best(rank, repeat, env)))
-    for name, wall, rss in rows:
-        print(f"| {name} | {wall:.2f} | {rss:.0f} | {wall / base:.2f}x |")
+    for name, wall, rss, cpu in rows:
+        print(f"| {name} | {wall:.2f} | {cpu:.2f} | {rss:.0f} | {wall / base:.2f}x |")
 
 
 def main() -> None:
@@ -113,6 +115,7 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="also 1M paths / 10.4M references")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--baseline-src", help="another tree's src dir (today's code)")
+    ap.add_argument("--no-decoders", action="store_true", help="json.load only (no other decoders)")
     args = ap.parse_args()
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -121,7 +124,7 @@ def main() -> None:
     for n in sizes:
         f = d / f"graph-{n}.json"
         ensure_graph(f, n)
-        bench(f, args.repeat if n < 1_000_000 else 1, args.baseline_src)
+        bench(f, args.repeat if n < 1_000_000 else 1, args.baseline_src, not args.no_decoders)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 

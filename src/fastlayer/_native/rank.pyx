@@ -185,14 +185,16 @@ def ancestor_sums(const int32_t[::1] indptr, const int32_t[::1] indices,
     """S_l(d) = sum of weights[l, u] over u in {d} + ancestors(d), exactly, per limb l.
 
     Sources u are taken `64 * words` at a time in `source_order`. For each chunk, a
-    DFS collects the union U of their descendant sets, a bitset per node (one bit
-    per source) is pushed down U in topological order, and each node's weighted
-    popcount is read through 256-entry byte tables. Cost: O(sum over chunks of
-    words * (|U| + |E(U)|)) time (worst case O(V * E / 64), when every closure is
-    the whole graph; closure graphs have small closures next to each other in DFS
-    order, so U stays close to one closure) and O(V * words) extra memory per
-    thread. Chunks are independent: `threads` workers take every threads-th chunk,
-    each with its own scratch and sums, added up at the end.
+    DFS collects the union U of their descendant sets, numbering U locally (its
+    edges copied as local ids), a bitset per node (one bit per source) is pushed
+    down U in topological order, and each node's weighted popcount is read through
+    256-entry byte tables. Cost: O(sum over chunks of words * (|U| + |E(U)|)) time
+    (worst case O(V * E / 64), when every closure is the whole graph; closure graphs
+    have small closures next to each other in DFS order, so U stays close to one
+    closure) and O(V * words) extra memory per thread. The local numbering keeps a
+    chunk's bitsets and edges in a few hundred KiB (cache) instead of scattered over
+    V * words words. Chunks are independent: `threads` workers take every
+    threads-th chunk, each with its own scratch and 128-bit sums, added up at the end.
     Weights must be < 2**60; results are 128-bit, returned as (lo, hi) uint64[L, n].
     """
     import threading
@@ -200,14 +202,14 @@ def ancestor_sums(const int32_t[::1] indptr, const int32_t[::1] indices,
     cdef Py_ssize_t n = indptr.shape[0] - 1
     cdef Py_ssize_t L = weights.shape[0]
     threads = max(1, threads)
-    outs = [(np.zeros((L, n), dtype=np.uint64), np.zeros((L, n), dtype=np.uint64))
-            for _ in range(threads)]
+    # Per thread: node-major (lo, hi) pairs, acc[v, l] = (lo, hi): one node's sums
+    # share a cache line or two.
+    outs = [np.zeros((n, L, 2), dtype=np.uint64) for _ in range(threads)]
     errors = []
 
     def work(int t):
         try:
-            _sums_worker(indptr, indices, source_order, weights, words, t, threads,
-                         outs[t][0], outs[t][1])
+            _sums_worker(indptr, indices, source_order, weights, words, t, threads, outs[t])
         except BaseException as e:  # re-raised in the caller
             errors.append(e)
 
@@ -221,40 +223,74 @@ def ancestor_sums(const int32_t[::1] indptr, const int32_t[::1] indices,
             th.join()
     if errors:
         raise errors[0]
-    lo, hi = outs[0]
-    for lo2, hi2 in outs[1:]:
-        total = lo + lo2
-        hi += hi2 + (total < lo)
-        lo = total
-    return lo, hi
+    lo_arr = np.empty((L, n), dtype=np.uint64)
+    hi_arr = np.empty((L, n), dtype=np.uint64)
+    cdef uint64_t[:, ::1] lo = lo_arr
+    cdef uint64_t[:, ::1] hi = hi_arr
+    cdef uint64_t[:, :, ::1] acc
+    cdef Py_ssize_t v, l
+    cdef u128 s
+    for t in range(threads):
+        acc = outs[t]
+        with nogil:
+            for v in range(n):
+                for l in range(L):
+                    s = _u128(acc[v, l, 0], acc[v, l, 1])
+                    if t:
+                        s = s + _u128(lo[l, v], hi[l, v])
+                    lo[l, v] = <uint64_t>s
+                    hi[l, v] = <uint64_t>(s >> 64)
+        outs[t] = None
+    return lo_arr, hi_arr
+
+
+cdef extern from *:
+    """
+    typedef unsigned __int128 fl_u128;
+    """
+    ctypedef unsigned long long u128 "fl_u128"
+
+
+cdef inline u128 _u128(uint64_t lo, uint64_t hi) noexcept nogil:
+    return (<u128>hi << 64) | lo
 
 
 def _sums_worker(const int32_t[::1] indptr, const int32_t[::1] indices,
                  const int32_t[::1] source_order, const uint64_t[:, ::1] weights,
-                 int words, int first, int step, uint64_t[:, ::1] lo, uint64_t[:, ::1] hi):
+                 int words, int first, int step, uint64_t[:, :, ::1] acc):
     cdef Py_ssize_t n = indptr.shape[0] - 1
     cdef Py_ssize_t L = weights.shape[0]
     cdef Py_ssize_t W = words
     cdef Py_ssize_t B = 64 * W
+    cdef Py_ssize_t m_edges = indptr[n]
+    # Chunk-local: node of each local id, local ids in DFS postorder, local CSR.
+    cdef int32_t* node_of = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    cdef int32_t* post = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    cdef int64_t* lptr = <int64_t*>malloc((n + 2) * sizeof(int64_t))
+    cdef int32_t* ledge = <int32_t*>malloc((m_edges + 1) * sizeof(int32_t))
     cdef uint64_t* mask = <uint64_t*>malloc((n * W + 1) * sizeof(uint64_t))
+    # Global: the chunk that last saw each node and its local id there.
     cdef int32_t* seen = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+    cdef int32_t* loc = <int32_t*>malloc((n + 1) * sizeof(int32_t))
     cdef int32_t* st_node = <int32_t*>malloc((n + 1) * sizeof(int32_t))
     cdef int32_t* st_pos = <int32_t*>malloc((n + 1) * sizeof(int32_t))
-    cdef int32_t* vis = <int32_t*>malloc((n + 1) * sizeof(int32_t))
-    # table[((l * W + k) * 8 + b) * 256 + m] = sum of weights of the sources whose
-    # bits are set in byte value m at byte b of word k.
-    cdef uint64_t* table = <uint64_t*>malloc(L * W * 8 * 256 * sizeof(uint64_t))
-    cdef uint64_t* full_lo = <uint64_t*>malloc(L * W * sizeof(uint64_t))
-    cdef uint64_t* full_hi = <uint64_t*>malloc(L * W * sizeof(uint64_t))
+    # table[((k * 8 + b) * 256 + m) * Lc + l] = limb l of the sum of the weights of
+    # the sources whose bits are set in byte value m at byte b of word k (< 2**63).
+    cdef uint64_t* table = <uint64_t*>malloc(W * 8 * 256 * L * sizeof(uint64_t))
+    cdef u128* full = <u128*>malloc(W * L * sizeof(u128))
+    cdef u128* s = <u128*>malloc(L * sizeof(u128))
+    cdef uint64_t* bw = <uint64_t*>malloc(8 * L * sizeof(uint64_t))
     cdef uint64_t ALL_ONES = ~(<uint64_t>0)
     cdef Py_ssize_t nsrc = source_order.shape[0]
-    cdef Py_ssize_t start, j, cnt, i, e, k, b, l, m, Lc
-    cdef int32_t v, cid = 0
-    cdef uint64_t word, x, alo, ahi
+    cdef Py_ssize_t start, stop, j, cnt, npost, i, e, k, b, l, m, Lc, top, nl
+    cdef int64_t etop
+    cdef int32_t v, c, p, a, cid = 0
+    cdef uint64_t word, byte
+    cdef u128 x
     cdef uint64_t* tb
+    cdef uint64_t* row
     cdef uint64_t* mv
     cdef uint64_t* mc
-    cdef uint64_t bw[8]
     cdef int lowbit[256]
     for m in range(1, 256):
         b = 0
@@ -262,90 +298,132 @@ def _sums_worker(const int32_t[::1] indptr, const int32_t[::1] indices,
             b += 1
         lowbit[m] = <int>b
     lowbit[0] = 0
-    if (mask == NULL or seen == NULL or st_node == NULL or st_pos == NULL or vis == NULL
-            or table == NULL or full_lo == NULL or full_hi == NULL):
-        free(mask); free(seen); free(st_node); free(st_pos); free(vis); free(table)
-        free(full_lo); free(full_hi)
+    if (node_of == NULL or post == NULL or lptr == NULL or ledge == NULL or mask == NULL
+            or seen == NULL or loc == NULL or st_node == NULL or st_pos == NULL
+            or table == NULL or full == NULL or s == NULL or bw == NULL):
+        free(node_of); free(post); free(lptr); free(ledge); free(mask); free(seen)
+        free(loc); free(st_node); free(st_pos); free(table); free(full); free(s); free(bw)
         raise MemoryError()
     with nogil:
-        memset(mask, 0, (n * W + 1) * sizeof(uint64_t))
         memset(seen, 0, (n + 1) * sizeof(int32_t))
         start = first * B
         while start < nsrc:
+            stop = min(start + B, nsrc)
             cid += 1
+            # DFS from every source of the chunk: local ids in discovery order,
+            # each node's edge slots reserved at discovery and filled as walked.
             cnt = 0
-            for j in range(start, min(start + B, nsrc)):
-                cnt = _dfs(indptr, indices, source_order[j], seen, cid, st_node, st_pos, vis, cnt)
-            for j in range(start, min(start + B, nsrc)):
+            npost = 0
+            etop = 0
+            for j in range(start, stop):
                 v = source_order[j]
-                mask[v * W + (j - start) // 64] |= (<uint64_t>1) << ((j - start) % 64)
+                if seen[v] == cid:
+                    continue
+                seen[v] = cid
+                loc[v] = <int32_t>cnt
+                node_of[cnt] = v
+                lptr[cnt] = etop
+                etop += indptr[v + 1] - indptr[v]
+                cnt += 1
+                top = 0
+                st_node[0] = v
+                st_pos[0] = indptr[v]
+                while top >= 0:
+                    v = st_node[top]
+                    p = st_pos[top]
+                    if p < indptr[v + 1]:
+                        st_pos[top] = p + 1
+                        c = indices[p]
+                        if seen[c] != cid:
+                            seen[c] = cid
+                            loc[c] = <int32_t>cnt
+                            node_of[cnt] = c
+                            lptr[cnt] = etop
+                            etop += indptr[c + 1] - indptr[c]
+                            cnt += 1
+                            top += 1
+                            st_node[top] = c
+                            st_pos[top] = indptr[c]
+                        ledge[lptr[loc[v]] + (p - indptr[v])] = loc[c]
+                    else:
+                        post[npost] = loc[v]
+                        npost += 1
+                        top -= 1
+            lptr[cnt] = etop
+            memset(mask, 0, cnt * W * sizeof(uint64_t))
+            for j in range(start, stop):
+                a = loc[source_order[j]]
+                mask[a * W + (j - start) // 64] |= (<uint64_t>1) << ((j - start) % 64)
             # Limbs above the chunk's largest weight are all zero: skip them (deep
             # paths with huge counts have small closures, and the reverse).
             Lc = 1
-            for j in range(start, min(start + B, nsrc)):
+            for j in range(start, stop):
                 for l in range(L - 1, Lc - 1, -1):
                     if weights[l, source_order[j]] != 0:
                         Lc = l + 1
                         break
             # Byte tables: entry m = entry (m without its lowest bit) + that bit's weight.
-            for l in range(Lc):
-                for k in range(W):
-                    for b in range(8):
-                        for m in range(8):
-                            j = start + k * 64 + b * 8 + m
-                            bw[m] = weights[l, source_order[j]] if j < nsrc else 0
-                        tb = table + ((l * W + k) * 8 + b) * 256
-                        tb[0] = 0
-                        for m in range(1, 256):
-                            tb[m] = tb[m & (m - 1)] + bw[lowbit[m]]
-                    full_lo[l * W + k] = 0
-                    full_hi[l * W + k] = 0
-                    for b in range(8):
-                        x = table[((l * W + k) * 8 + b) * 256 + 255]
-                        full_lo[l * W + k] += x
-                        if full_lo[l * W + k] < x:
-                            full_hi[l * W + k] += 1
-            # Reverse DFS postorder is a topological order of the union U.
-            for i in range(cnt - 1, -1, -1):
-                v = vis[i]
-                mv = mask + v * W
-                for e in range(indptr[v], indptr[v + 1]):
-                    mc = mask + indices[e] * W
+            for k in range(W):
+                for l in range(Lc):
+                    full[k * Lc + l] = 0
+                for b in range(8):
+                    for m in range(8):
+                        j = start + k * 64 + b * 8 + m
+                        for l in range(Lc):
+                            bw[m * Lc + l] = weights[l, source_order[j]] if j < stop else 0
+                    tb = table + (k * 8 + b) * 256 * Lc
+                    for l in range(Lc):
+                        tb[l] = 0
+                    for m in range(1, 256):
+                        for l in range(Lc):
+                            tb[m * Lc + l] = tb[(m & (m - 1)) * Lc + l] + bw[lowbit[m] * Lc + l]
+                    for l in range(Lc):
+                        full[k * Lc + l] += tb[255 * Lc + l]
+            # Reverse DFS postorder is a topological order of U.
+            for i in range(npost - 1, -1, -1):
+                a = post[i]
+                mv = mask + a * W
+                for e in range(lptr[a], lptr[a + 1]):
+                    mc = mask + ledge[e] * W
                     for k in range(W):
                         mc[k] |= mv[k]
-            for i in range(cnt):
-                v = vis[i]
-                mv = mask + v * W
+            for a in range(cnt):
+                mv = mask + a * W
+                v = node_of[a]
+                # A path discovered right after its referrer often has the same
+                # sources (its only way in): same sums as the previous local id.
+                if a > 0 and memcmp(mv, mv - W, W * sizeof(uint64_t)) == 0:
+                    for l in range(Lc):
+                        x = _u128(acc[v, l, 0], acc[v, l, 1]) + s[l]
+                        acc[v, l, 0] = <uint64_t>x
+                        acc[v, l, 1] = <uint64_t>(x >> 64)
+                    continue
                 for l in range(Lc):
-                    alo = 0
-                    ahi = 0
-                    for k in range(W):
-                        word = mv[k]
-                        if word == 0:
-                            continue
-                        tb = table + (l * W + k) * 8 * 256
-                        if word == ALL_ONES:
-                            # Reached from every source of the word (deep paths, the
-                            # bulk of U): the word's precomputed 128-bit total.
-                            x = full_lo[l * W + k]
-                            alo += x
-                            if alo < x:
-                                ahi += 1
-                            ahi += full_hi[l * W + k]
-                            continue
-                        for b in range(8):
-                            x = tb[b * 256 + ((word >> (8 * b)) & 255)]
-                            alo += x
-                            if alo < x:
-                                ahi += 1
-                    x = lo[l, v]
-                    lo[l, v] = x + alo
-                    hi[l, v] += ahi + (1 if lo[l, v] < x else 0)
+                    s[l] = 0
                 for k in range(W):
-                    mv[k] = 0
+                    word = mv[k]
+                    if word == 0:
+                        continue
+                    if word == ALL_ONES:
+                        # Reached from every source of the word (deep paths, the
+                        # bulk of U): the word's precomputed total.
+                        for l in range(Lc):
+                            s[l] += full[k * Lc + l]
+                        continue
+                    tb = table + k * 8 * 256 * Lc
+                    for b in range(8):
+                        byte = (word >> (8 * b)) & 255
+                        if byte:
+                            row = tb + (b * 256 + byte) * Lc
+                            for l in range(Lc):
+                                s[l] += row[l]
+                for l in range(Lc):
+                    x = _u128(acc[v, l, 0], acc[v, l, 1]) + s[l]
+                    acc[v, l, 0] = <uint64_t>x
+                    acc[v, l, 1] = <uint64_t>(x >> 64)
             start += B * step
-    free(mask); free(seen); free(st_node); free(st_pos); free(vis); free(table)
-    free(full_lo); free(full_hi)
+    free(node_of); free(post); free(lptr); free(ledge); free(mask); free(seen)
+    free(loc); free(st_node); free(st_pos); free(table); free(full); free(s); free(bw)
 
 
 def reach(const int32_t[::1] indptr, const int32_t[::1] indices, const int32_t[::1] starts,
