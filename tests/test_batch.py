@@ -200,7 +200,7 @@ def test_sigterm_stops_every_build_of_a_batch_and_leaves_nothing(batch, tmp_path
     slow = []
     for s in specs:
         spec = json.loads(s.read_text())
-        spec["extra_commands"] = "sleep 1"
+        spec["extra_commands"] = "sleep 3"  # a margin for a loaded machine
         f = tmp_path / f"slow-{s.name}"
         f.write_text(json.dumps(spec))
         slow.append(str(f))
