@@ -8,6 +8,7 @@ import tempfile
 
 import pytest
 import validators
+from registry_fixture import Registry
 
 # The suite never touches the user's caches: the layer cache and the registry
 # blob cache live in $XDG_CACHE_HOME/fastlayer, here a directory of the session's
@@ -39,3 +40,11 @@ def fresh_podman(tmp_path_factory):
     yield pm
     with contextlib.suppress(validators.ValidatorError, OSError):
         pm.reset()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """A real docker-registry on 127.0.0.1 (plain HTTP, no auth) for one module."""
+    reg = Registry(tmp_path_factory.mktemp("registry")).start()
+    yield reg
+    reg.stop()

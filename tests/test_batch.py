@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import validators
 from closures import make_closure
-from registry_fixture import Registry
 
 from fastlayer.batch import build_many, push_many
 from fastlayer.builder import build_into
@@ -33,13 +32,6 @@ PACKAGES = {
 }
 REFS = {"libssl-3.0": ["libc-2.40"], "app-a-1": ["libssl-3.0", "libc-2.40"],
         "app-b-1": ["libssl-3.0", "libc-2.40"], "app-c-1": ["libc-2.40"]}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("registry")).start()
-    yield reg
-    reg.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -7,16 +7,8 @@ import shutil
 import subprocess
 
 import pytest
-from registry_fixture import Registry
 
 from fastlayer.registry.push import push_spec
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("registry")).start()
-    yield reg
-    reg.stop()
 
 
 @pytest.mark.validators

@@ -10,16 +10,8 @@ from pathlib import Path
 
 import pytest
 import validators
-from registry_fixture import Registry
 
 PLATFORMS = {"amd64": {}, "arm64": {"variant": "v8"}}
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("registry")).start()
-    yield reg
-    reg.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -37,7 +37,6 @@ from cache_helpers import (
     sha256_hex,
     warnings_of,
 )
-from registry_fixture import Registry
 
 import fastlayer
 from fastlayer.cli import main
@@ -57,13 +56,6 @@ def reference(world, tmp_path_factory) -> bytes:
     out = tmp_path_factory.mktemp("reference") / "img.tar"
     fastlayer.build(world.spec, str(out), cache=False)
     return out.read_bytes()
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("registry")).start()
-    yield reg
-    reg.stop()
 
 
 @pytest.fixture(autouse=True)

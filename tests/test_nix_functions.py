@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import validators
 from nixbuild import closure_in_store, nix_env, verify_store
-from registry_fixture import Registry
 
 import fastlayer
 
@@ -157,13 +156,6 @@ class Nix:
 
     def run(self, argv: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run(argv, capture_output=True, text=True, env=nix_env(), timeout=600)
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("registry")).start()
-    yield reg
-    reg.stop()
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,6 @@ SRC = str(Path(fastlayer.__file__).resolve().parent.parent)
 ZERO = "sha256:" + "0" * 64
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("registry")).start()
-    yield reg
-    reg.stop()
-
-
 @pytest.fixture(autouse=True)
 def cache_home(tmp_path, monkeypatch):
     """A blob cache of the test's own, and no credentials from the host."""

@@ -33,13 +33,6 @@ REFS = {"libssl-3.0": ["libc-2.40"], "app-1": ["libssl-3.0", "libc-2.40"]}
 OCI = "application/vnd.oci.image.manifest.v1+json"
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("registry")).start()
-    yield reg
-    reg.stop()
-
-
 class Machine:
     """A store (a copy of the closure under its own root) and a cache home of its own."""
 

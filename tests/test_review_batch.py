@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from closures import make_closure
-from registry_fixture import Registry
 
 # libc: every image; app-a: 90 KiB image, app-c: 70 KiB image (uncompressed archives)
 PACKAGES = {
@@ -153,13 +152,6 @@ def test_batch_strategy_error_names_no_missing_flag(specs, tmp_path):
     assert r.returncode == 2  # refused as a usage error, before any work
     assert "--pipeline" not in r.stderr  # `fastlayer build --pipeline` is a usage error
     assert "'pipeline'" in r.stderr and not (tmp_path / "out").exists()
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory):
-    reg = Registry(tmp_path_factory.mktemp("registry")).start()
-    yield reg
-    reg.stop()
 
 
 def test_push_cache_flags_move_or_bypass_the_registry_blob_cache(specs, tmp_path, registry):
