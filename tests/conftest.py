@@ -48,3 +48,20 @@ def registry(tmp_path_factory):
     reg = Registry(tmp_path_factory.mktemp("registry")).start()
     yield reg
     reg.stop()
+
+
+@pytest.fixture
+def hostile():
+    """A factory of hostile_registry.Hostile servers on 127.0.0.1 (a registry that
+    answers as a test tells it), all stopped at the end of the test."""
+    from hostile_registry import Hostile
+
+    servers: list[Hostile] = []
+
+    def make() -> Hostile:
+        servers.append(Hostile())
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.stop()

@@ -41,19 +41,6 @@ def env(tmp_path):
     return e
 
 
-@pytest.fixture
-def registry():
-    servers: list[Hostile] = []
-
-    def make() -> Hostile:
-        servers.append(Hostile())
-        return servers[-1]
-
-    yield make
-    for s in servers:
-        s.stop()
-
-
 def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fastlayer", *args], capture_output=True,
                           env=env, timeout=120)  # fmt: skip
@@ -162,8 +149,8 @@ def layer_text(archive: Path) -> bytes:
         (["--os", "windows", "--arch", "amd64"], ("windows", "amd64", "")),
     ],
 )
-def test_pull_picks_the_platform_asked_for(registry, tmp_path, env, flags, want):
-    reg = registry()
+def test_pull_picks_the_platform_asked_for(hostile, tmp_path, env, flags, want):
+    reg = hostile()
     images = multi_platform(reg)
     out = tmp_path / "img.tar"
     ok(cli(env, "pull", "--insecure", "-q", *flags, f"{reg.host}/team/app:multi",
@@ -173,8 +160,8 @@ def test_pull_picks_the_platform_asked_for(registry, tmp_path, env, flags, want)
     assert asked == ["multi", images[want].digest]
 
 
-def test_pull_of_a_platform_the_index_lacks_names_what_it_has(registry, tmp_path, env):
-    reg = registry()
+def test_pull_of_a_platform_the_index_lacks_names_what_it_has(hostile, tmp_path, env):
+    reg = hostile()
     multi_platform(reg)
     r = cli(env, "pull", "--insecure", "-q", "--arch", "arm64", "--variant", "v6",
             f"{reg.host}/team/app:multi", "-o", str(tmp_path / "img.tar"))  # fmt: skip
@@ -222,8 +209,8 @@ def uploaded(reg: Hostile) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("jobs, least, most", [(1, 1, 1), (3, 2, 3)])
-def test_push_jobs_bounds_the_uploads_in_flight(registry, tmp_path, env, jobs, least, most):
-    reg = registry()
+def test_push_jobs_bounds_the_uploads_in_flight(hostile, tmp_path, env, jobs, least, most):
+    reg = hostile()
     state = uploads(reg, hold=0.3 if jobs == 1 else 5.0)
     ok(cli(env, "push", "--insecure", "-q", "-j", str(jobs), str(spec(tmp_path, layers=4)),
            f"docker://{reg.host}/team/app:1"))  # fmt: skip
@@ -231,7 +218,7 @@ def test_push_jobs_bounds_the_uploads_in_flight(registry, tmp_path, env, jobs, l
     assert least <= state["most"] <= most
 
 
-def test_push_image_tag_picks_one_image_of_many(registry, tmp_path, env):
+def test_push_image_tag_picks_one_image_of_many(hostile, tmp_path, env):
     a, b = tmp_path / "a.tar", tmp_path / "b.tar"
     ok(cli(env, "build", str(spec(tmp_path, name="a")), "-o", str(a), "-q"))
     ok(cli(env, "build", str(spec(tmp_path, name="b")), "-o", str(b), "-q"))
@@ -240,7 +227,7 @@ def test_push_image_tag_picks_one_image_of_many(registry, tmp_path, env):
     with tarfile.open(b) as t:
         manifest = json.load(t.extractfile("manifest.json"))[0]
         config_b = t.extractfile(manifest["Config"]).read()
-    reg = registry()
+    reg = hostile()
     uploads(reg)
     dest = f"docker://{reg.host}/team/app:1"
     r = cli(env, "push", "--insecure", "-q", str(both), dest)
@@ -252,13 +239,13 @@ def test_push_image_tag_picks_one_image_of_many(registry, tmp_path, env):
 
 
 @pytest.mark.parametrize("kind", ["none", "gzip", "zstd"])
-def test_push_compress_sets_the_layer_blobs(registry, tmp_path, env, kind):
+def test_push_compress_sets_the_layer_blobs(hostile, tmp_path, env, kind):
     image = tmp_path / "img.tar"
     ok(cli(env, "build", str(spec(tmp_path)), "-o", str(image), "-q"))
     with tarfile.open(image) as t:
         manifest = json.load(t.extractfile("manifest.json"))[0]
         layers = [t.extractfile(name).read() for name in manifest["Layers"]]
-    reg = registry()
+    reg = hostile()
     uploads(reg)
     ok(cli(env, "push", "--insecure", "-q", "--compress", kind, str(image),
            f"docker://{reg.host}/team/app:1"))  # fmt: skip

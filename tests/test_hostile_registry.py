@@ -43,19 +43,6 @@ def env(tmp_path):
     return e
 
 
-@pytest.fixture
-def reg():
-    servers: list[Hostile] = []
-
-    def make() -> Hostile:
-        servers.append(Hostile())
-        return servers[-1]
-
-    yield make
-    for s in servers:
-        s.stop()
-
-
 def creds(tmp_path: Path, env: dict, host: str) -> None:
     auth = tmp_path / "auth.json"
     auth.write_text(json.dumps({"auths": {host: {"auth": BASIC}}}))
@@ -109,9 +96,9 @@ def echo_authorization(registry: Hostile) -> None:
 # -- credentials --------------------------------------------------------------------
 
 
-def test_credentials_wait_for_a_challenge_and_never_follow_a_redirect(reg, tmp_path, env, out):
+def test_credentials_wait_for_a_challenge_and_never_follow_a_redirect(hostile, tmp_path, env, out):
     image = Image.make()
-    cdn, registry = reg().serve_image(image), reg()
+    cdn, registry = hostile().serve_image(image), hostile()
     creds(tmp_path, env, registry.host)
 
     def manifest(h: Handler, m) -> None:
@@ -133,8 +120,8 @@ def test_credentials_wait_for_a_challenge_and_never_follow_a_redirect(reg, tmp_p
     assert len(cdn.seen) == 2 and cdn.authorizations() == []  # config and layer, no secret
 
 
-def test_upload_location_on_another_port_gets_no_credentials(reg, tmp_path, env):
-    store, registry = reg(), reg()
+def test_upload_location_on_another_port_gets_no_credentials(hostile, tmp_path, env):
+    store, registry = hostile(), hostile()
     creds(tmp_path, env, registry.host)
 
     def gate(h: Handler, m) -> None:
@@ -159,11 +146,13 @@ def test_upload_location_on_another_port_gets_no_credentials(reg, tmp_path, env)
     assert f"Basic {BASIC}" in registry.authorizations()
 
 
-def test_token_realm_gets_basic_credentials_a_redirect_from_it_does_not(reg, tmp_path, env, out):
+def test_token_realm_gets_basic_credentials_a_redirect_from_it_does_not(
+    hostile, tmp_path, env, out
+):
     """Docker's token flow sends the basic credentials to the realm the registry
     names (usually another host); the realm's own redirects get nothing."""
     image = Image.make()
-    elsewhere, realm, registry = reg(), reg(), reg().serve_image(image)
+    elsewhere, realm, registry = hostile(), hostile(), hostile().serve_image(image)
     creds(tmp_path, env, registry.host)
     token = "tok-" + "a1" * 20
     realm.on("GET", r"/token", lambda h, m: h.send(
@@ -186,8 +175,8 @@ def test_token_realm_gets_basic_credentials_a_redirect_from_it_does_not(reg, tmp
     assert "authorization" not in registry.seen[0].headers
 
 
-def test_error_bodies_are_shortened_escaped_and_masked(reg, tmp_path, env, out):
-    registry = reg()
+def test_error_bodies_are_shortened_escaped_and_masked(hostile, tmp_path, env, out):
+    registry = hostile()
     creds(tmp_path, env, registry.host)
     echo_authorization(registry)
     r = pull(env, registry.host, ":1", out)
@@ -200,9 +189,9 @@ def test_error_bodies_are_shortened_escaped_and_masked(reg, tmp_path, env, out):
 # -- deadlines ----------------------------------------------------------------------
 
 
-def test_a_body_sent_one_byte_a_second_ends_at_the_deadline(reg, env, out):
+def test_a_body_sent_one_byte_a_second_ends_at_the_deadline(hostile, env, out):
     image = Image.make()
-    registry = reg()
+    registry = hostile()
 
     def slow(h: Handler, m) -> None:
         h.send_response(200)
@@ -218,8 +207,8 @@ def test_a_body_sent_one_byte_a_second_ends_at_the_deadline(reg, env, out):
     assert time.monotonic() - start < 10
 
 
-def test_headers_trickled_end_at_the_deadline(reg, env, out):
-    registry = reg()
+def test_headers_trickled_end_at_the_deadline(hostile, env, out):
+    registry = hostile()
 
     def slow(h: Handler, m) -> None:
         h.wfile.write(b"HTTP/1.0 200 OK\r\n")
@@ -233,9 +222,9 @@ def test_headers_trickled_end_at_the_deadline(reg, env, out):
     assert time.monotonic() - start < 10
 
 
-def test_a_stalled_blob_is_named(reg, env, out):
+def test_a_stalled_blob_is_named(hostile, env, out):
     image = Image.make()
-    registry = reg()
+    registry = hostile()
 
     def stall(h: Handler, m) -> None:
         h.send_response(200)
@@ -253,8 +242,8 @@ def test_a_stalled_blob_is_named(reg, env, out):
     assert time.monotonic() - start < 10
 
 
-def test_a_registry_that_never_answers(reg, env, out):
-    registry = reg()
+def test_a_registry_that_never_answers(hostile, env, out):
+    registry = hostile()
     registry.on("GET", r"/v2/.*", lambda h, m: h.server.owner.stopping.wait(30))
     start = time.monotonic()
     one_line_error(pull(env, registry.host, ":1", out), "stalled", "manifest")
@@ -264,9 +253,9 @@ def test_a_registry_that_never_answers(reg, env, out):
 # -- sizes, digests and types -------------------------------------------------------
 
 
-def test_an_endless_blob_stops_at_its_declared_size(reg, env, out):
+def test_an_endless_blob_stops_at_its_declared_size(hostile, env, out):
     image = Image.make()
-    registry = reg()
+    registry = hostile()
 
     def endless(h: Handler, m) -> None:
         h.send_response(200)
@@ -279,18 +268,18 @@ def test_an_endless_blob_stops_at_its_declared_size(reg, env, out):
     one_line_error(pull(env, registry.host, f"@{image.digest}", out), sha(image.layer))
 
 
-def test_a_wrong_digest_is_refused(reg, env, out):
+def test_a_wrong_digest_is_refused(hostile, env, out):
     image = Image.make()
     evil = Image(image.layer[:-1] + b"\1", image.config, image.manifest)
     evil.blobs = {sha(image.layer): evil.layer, sha(image.config): image.config}
-    registry = reg().serve_image(evil)
+    registry = hostile().serve_image(evil)
     one_line_error(pull(env, registry.host, f"@{image.digest}", out), sha(image.layer))
     # a manifest that does not hash to the digest asked for
     one_line_error(pull(env, registry.host, "@" + sha(b"other"), out), "hashes to")
 
 
-def test_a_huge_content_length_is_refused_at_once(reg, env, out):
-    registry = reg()
+def test_a_huge_content_length_is_refused_at_once(hostile, env, out):
+    registry = hostile()
     registry.on("GET", r"/v2/team/app/manifests/.*", lambda h, m: (
         h.send_response(200), h.send_header("Content-Length", str(10**15)), h.end_headers(),
         h.wfile.write(b"{" * 1000), h.server.owner.stopping.wait(30)))  # fmt: skip
@@ -299,8 +288,8 @@ def test_a_huge_content_length_is_refused_at_once(reg, env, out):
     assert time.monotonic() - start < 5
 
 
-def test_a_manifest_over_4_mib_is_refused(reg, env, out):
-    registry = reg()
+def test_a_manifest_over_4_mib_is_refused(hostile, env, out):
+    registry = hostile()
     big = b'{"pad": "' + b"x" * (5 << 20) + b'"}'
     registry.on("GET", r"/v2/team/app/manifests/.*", lambda h, m: (
         h.send_response(200), h.end_headers(), h.wfile.write(big)))  # fmt: skip
@@ -335,30 +324,30 @@ def test_a_manifest_over_4_mib_is_refused(reg, env, out):
         (lambda m: [m], ("manifest", "must be an object")),
     ],
 )
-def test_malformed_manifests_are_one_line(reg, env, out, change, words):
+def test_malformed_manifests_are_one_line(hostile, env, out, change, words):
     image = Image.make()
     manifest = change(json.loads(image.manifest))
     bad = image.with_manifest(
         manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
     )
-    registry = reg().serve_image(bad)
+    registry = hostile().serve_image(bad)
     one_line_error(pull(env, registry.host, ":1", out), *words)
     assert all(".." not in s.path for s in registry.seen)  # no request built from it
 
 
-def test_a_config_of_wrong_types_is_one_line(reg, env, out):
+def test_a_config_of_wrong_types_is_one_line(hostile, env, out):
     image = Image.make()
     config = json.dumps({"rootfs": {"diff_ids": [1, 2]}}).encode()
     manifest = json.loads(image.manifest)
     manifest["config"] = {**manifest["config"], "digest": sha(config), "size": len(config)}
     bad = image.with_manifest(manifest)
     bad.blobs[sha(config)] = config
-    registry = reg().serve_image(bad)
+    registry = hostile().serve_image(bad)
     one_line_error(pull(env, registry.host, ":1", out), "rootfs.diff_ids[0]", "not a digest")
 
 
-def test_a_bad_token_answer_is_one_line(reg, tmp_path, env, out):
-    realm, registry = reg(), reg()
+def test_a_bad_token_answer_is_one_line(hostile, tmp_path, env, out):
+    realm, registry = hostile(), hostile()
     realm.on("GET", r"/token", lambda h, m: h.send(200, b'{"token": ["not", "a", "string"]}'))
     challenge = f'Bearer realm="http://{realm.host}/token",service="x"'
     registry.on("GET", r"/v2/.*", lambda h, m: h.send(401, b"", {"WWW-Authenticate": challenge}))
@@ -374,8 +363,8 @@ def test_a_bad_token_answer_is_one_line(reg, tmp_path, env, out):
         ('{"auths": {"HOST": {"auth": "bm9jb2xvbg=="}}}', ("auth.json", "base64(user:password)")),
     ],
 )
-def test_bad_auth_files_name_the_file(reg, tmp_path, env, out, content, words):
-    registry = reg()
+def test_bad_auth_files_name_the_file(hostile, tmp_path, env, out, content, words):
+    registry = hostile()
     auth = tmp_path / "auth.json"
     auth.write_text(content.replace("HOST", registry.host))
     env["REGISTRY_AUTH_FILE"] = str(auth)
@@ -395,8 +384,8 @@ def spec(tmp_path: Path, content: bytes = b"pushed\n") -> Path:
     return path
 
 
-def test_a_head_of_the_wrong_size_does_not_count_as_present(reg, tmp_path, env):
-    registry = reg()
+def test_a_head_of_the_wrong_size_does_not_count_as_present(hostile, tmp_path, env):
+    registry = hostile()
 
     def head(h: Handler, m) -> None:  # "present", but not the blob asked for
         h.send(200, b"", {"Content-Length": "7"})
@@ -412,7 +401,7 @@ def test_a_head_of_the_wrong_size_does_not_count_as_present(reg, tmp_path, env):
     assert len(uploaded) == 2  # the layer and the config were sent despite the HEADs
 
 
-def test_push_image_refuses_a_tampered_layer(reg, tmp_path, env):
+def test_push_image_refuses_a_tampered_layer(hostile, tmp_path, env):
     built = tmp_path / "app.tar"
     fastlayer.build(json.loads(spec(tmp_path, b"A" * 4096).read_text()), str(built))
     tampered = tmp_path / "tampered.tar"
@@ -422,7 +411,7 @@ def test_push_image_refuses_a_tampered_layer(reg, tmp_path, env):
             if data is not None and member.name.endswith("layer.tar"):
                 data = data.replace(b"A" * 64, b"B" * 64)  # same size, other bytes
             dst.addfile(member, io.BytesIO(data) if data is not None else None)
-    registry = reg()
+    registry = hostile()
     registry.on("HEAD", r"/v2/.*", lambda h, m: h.send(404))
     registry.on("POST", r"/v2/.*", lambda h, m: h.send(202, b"", {"Location": "/upload/1"}))
     registry.on("PUT", r"/.*", lambda h, m: h.send(201))
@@ -477,10 +466,10 @@ def test_server_text_masks_escapes_and_shortens():
     assert len({_origin(u) for u in ("http://r:5000", "http://r:5001", "https://r:5000")}) == 3
 
 
-def test_an_upload_the_registry_never_reads_ends_at_the_stall_limit(reg, tmp_path, env):
+def test_an_upload_the_registry_never_reads_ends_at_the_stall_limit(hostile, tmp_path, env):
     """urllib3 2 sends a body under the connect timeout (30 s): the stall limit
     must bound it too, and the message say what stalled."""
-    registry = reg()
+    registry = hostile()
     registry.on("HEAD", r"/v2/.*", lambda h, m: h.send(404))
     registry.on("POST", r"/v2/team/app/blobs/uploads/", lambda h, m: h.send(
         202, b"", {"Location": "/upload/1"}))  # fmt: skip
@@ -505,7 +494,7 @@ def test_an_upload_the_registry_never_reads_ends_at_the_stall_limit(reg, tmp_pat
     [("Env", "PATH=/x"), ("Labels", ["a"]), ("Cmd", "sh"), ("ExposedPorts", {"80/tcp": 1})],
 )
 @pytest.mark.parametrize("fmt", ["docker-archive", "oci-dir"])
-def test_a_pulled_config_of_the_wrong_types_is_refused(reg, env, out, field, value, fmt):
+def test_a_pulled_config_of_the_wrong_types_is_refused(hostile, env, out, field, value, fmt):
     """Such a config made an archive skopeo cannot read, with exit 0."""
     image = Image.make()
     config = json.loads(image.config)
@@ -515,13 +504,13 @@ def test_a_pulled_config_of_the_wrong_types_is_refused(reg, env, out, field, val
     manifest["config"] = {**manifest["config"], "digest": sha(raw), "size": len(raw)}
     bad = image.with_manifest(manifest)
     bad.blobs[sha(raw)] = raw
-    registry = reg().serve_image(bad)
+    registry = hostile().serve_image(bad)
     r = cli(env, "pull", "--insecure", "-q", *FAST, "--format", fmt,
             f"{registry.host}/team/app@{bad.digest}", "-o", str(out / "img"))  # fmt: skip
     one_line_error(r, registry.host, "team/app", f"config.config.{field}", "must be")
 
 
-def test_push_of_an_image_whose_config_has_wrong_types_is_refused(reg, tmp_path, env):
+def test_push_of_an_image_whose_config_has_wrong_types_is_refused(hostile, tmp_path, env):
     built = tmp_path / "app.tar"
     fastlayer.build(json.loads(spec(tmp_path).read_text()), str(built))
     bad = tmp_path / "bad.tar"
@@ -535,7 +524,7 @@ def test_push_of_an_image_whose_config_has_wrong_types_is_refused(reg, tmp_path,
                 data = json.dumps(config).encode()
                 member.size = len(data)
             dst.addfile(member, io.BytesIO(data) if data is not None else None)
-    registry = reg()
+    registry = hostile()
     r = cli(env, "push", "--insecure", "-q", *FAST, str(bad),
             f"docker://{registry.host}/team/app:1")  # fmt: skip
     one_line_error(r, "bad.tar", "config.Env", "must be a list")
@@ -598,9 +587,9 @@ def one_warning(r: subprocess.CompletedProcess, path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", list(BAD_CACHES))
-def test_a_broken_blob_cache_never_fails_a_pull(reg, env, tmp_path, kind):
+def test_a_broken_blob_cache_never_fails_a_pull(hostile, env, tmp_path, kind):
     image = Image.make()
-    registry = reg().serve_image(image)
+    registry = hostile().serve_image(image)
     path = write_bad_cache(env, kind, registry.host)
     out = tmp_path / "img.tar"
     r = cli(env, "pull", "--insecure", "-q", *FAST, f"{registry.host}/team/app@{image.digest}",
@@ -616,8 +605,8 @@ def test_a_broken_blob_cache_never_fails_a_pull(reg, env, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["registry-a-list", "deep", "repos-entry-5", "fifo"])
-def test_a_broken_blob_cache_never_fails_a_push(reg, env, tmp_path, kind):
-    registry = simple_registry(reg())
+def test_a_broken_blob_cache_never_fails_a_push(hostile, env, tmp_path, kind):
+    registry = simple_registry(hostile())
     path = write_bad_cache(env, kind, registry.host)
     r = cli(env, "push", "--insecure", "-q", *FAST, str(spec(tmp_path)),
             f"docker://{registry.host}/team/app:1", limit=30)  # fmt: skip
@@ -625,10 +614,10 @@ def test_a_broken_blob_cache_never_fails_a_push(reg, env, tmp_path, kind):
     assert len([s for s in registry.seen if s.path.startswith("/upload/")]) == 2
 
 
-def test_a_cache_entry_for_a_bad_blob_is_dropped_not_followed(reg, env, tmp_path):
+def test_a_cache_entry_for_a_bad_blob_is_dropped_not_followed(hostile, env, tmp_path):
     """A well-typed entry whose digest is malformed never reaches a URL; the good
     entries next to it are kept."""
-    registry = simple_registry(reg())
+    registry = simple_registry(hostile())
     path = write_bad_cache(env, "bad-entries", registry.host)
     r = cli(env, "push", "--insecure", "-q", *FAST, str(spec(tmp_path)),
             f"docker://{registry.host}/team/app:1")  # fmt: skip

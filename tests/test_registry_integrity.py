@@ -15,26 +15,13 @@ import re
 from pathlib import Path
 
 import pytest
-from hostile_registry import OCI_MANIFEST, Hostile, Image, sha
+from hostile_registry import OCI_MANIFEST, Image, sha
 
 import fastlayer
 from fastlayer.errors import FastlayerError
 from fastlayer.registry.pull import pull
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-
-
-@pytest.fixture
-def registry():
-    servers: list[Hostile] = []
-
-    def make() -> Hostile:
-        servers.append(Hostile())
-        return servers[-1]
-
-    yield make
-    for s in servers:
-        s.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -72,24 +59,24 @@ def rebuilt(image: Image, config: bytes | None = None, **layer_desc) -> Image:
 
 
 @pytest.mark.parametrize("fmt", ["docker-archive", "oci-dir"])
-def test_a_manifest_other_than_the_pinned_digest_is_refused(registry, out, fmt):
+def test_a_manifest_other_than_the_pinned_digest_is_refused(hostile, out, fmt):
     good = Image.make(b"the image you pinned\n")
     evil = Image.make(b"what the registry sends\n")  # self-consistent, all blobs served
     assert len(evil.manifest) == len(good.manifest)  # only its digest gives it away
-    reg = registry().serve_image(evil)
+    reg = hostile().serve_image(evil)
     with pytest.raises(FastlayerError, match=f"manifest {good.digest} hashes to {evil.digest}"):
         fetch(reg.host, f"@{good.digest}", out, fmt)
     assert not any(sha(evil.layer).split(":")[1] in s.path for s in reg.seen)  # no layer asked
 
 
-def test_an_index_entry_whose_manifest_differs_is_refused(registry, out):
+def test_an_index_entry_whose_manifest_differs_is_refused(hostile, out):
     good = Image.make(b"the image the index names\n")
     evil = Image.make(b"what the registry sends\n")
     assert len(evil.manifest) == len(good.manifest)
     index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
         {"mediaType": OCI_MANIFEST, "digest": good.digest, "size": len(good.manifest),
          "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()  # fmt: skip
-    reg = registry()
+    reg = hostile()
     reg.on("GET", r"/v2/team/app/manifests/1", lambda h, m: h.send(
         200, index, {"Content-Type": OCI_INDEX}))  # fmt: skip
     reg.serve_image(evil)
@@ -99,7 +86,7 @@ def test_an_index_entry_whose_manifest_differs_is_refused(registry, out):
 
 
 @pytest.mark.parametrize("fmt", ["docker-archive", "oci-dir"])
-def test_a_config_other_than_its_descriptor_is_refused(registry, out, fmt):
+def test_a_config_other_than_its_descriptor_is_refused(hostile, out, fmt):
     image = Image.make()
     config = json.loads(image.config)
     promised = json.dumps({**config, "config": {"Env": ["MODE=safe"]}}).encode()
@@ -107,29 +94,29 @@ def test_a_config_other_than_its_descriptor_is_refused(registry, out, fmt):
     assert len(served) == len(promised)  # same size, valid JSON, right diff_ids: only the digest
     bad = rebuilt(image, promised)
     bad.blobs[sha(promised)] = served
-    reg = registry().serve_image(bad)
+    reg = hostile().serve_image(bad)
     message = f"blob {sha(promised)} served with digest {sha(served)}"
     with pytest.raises(FastlayerError, match=message):
         fetch(reg.host, f"@{bad.digest}", out, fmt)
 
 
 @pytest.mark.parametrize("fmt", ["docker-archive", "oci-dir"])
-def test_a_blob_shorter_than_its_descriptor_is_refused(registry, out, fmt):
+def test_a_blob_shorter_than_its_descriptor_is_refused(hostile, out, fmt):
     """The digest is right but the descriptor says 5 more bytes: the manifest lies."""
     image = Image.make()
     bad = rebuilt(image, size=len(image.layer) + 5)
-    reg = registry().serve_image(bad)
+    reg = hostile().serve_image(bad)
     message = f"is {len(image.layer)} bytes, not {len(image.layer) + 5}"
     with pytest.raises(FastlayerError, match=message):
         fetch(reg.host, f"@{bad.digest}", out, fmt)
 
 
-def test_a_config_shorter_than_its_descriptor_is_refused(registry, out):
+def test_a_config_shorter_than_its_descriptor_is_refused(hostile, out):
     image = Image.make()
     manifest = json.loads(image.manifest)
     manifest["config"]["size"] += 3
     bad = Image(image.layer, image.config).with_manifest(json.dumps(manifest).encode())
-    reg = registry().serve_image(bad)
+    reg = hostile().serve_image(bad)
     with pytest.raises(FastlayerError, match=f"is {len(image.config)} bytes, not"):
         fetch(reg.host, f"@{bad.digest}", out)
 
@@ -140,14 +127,14 @@ def test_a_config_shorter_than_its_descriptor_is_refused(registry, out):
 )
 @pytest.mark.parametrize("which", ["config", "layer"])
 def test_a_descriptor_digest_outside_the_grammar_is_refused_before_any_use(
-    registry, out, digest, which
+    hostile, out, digest, which
 ):
     image = Image.make()
     manifest = json.loads(image.manifest)
     target = manifest["config"] if which == "config" else manifest["layers"][0]
     target["digest"] = digest
     bad = Image(image.layer, image.config).with_manifest(json.dumps(manifest).encode())
-    reg = registry().serve_image(bad)
+    reg = hostile().serve_image(bad)
     field = "config.digest" if which == "config" else "layers[0].digest"
     with pytest.raises(FastlayerError, match=rf"manifest\.{re.escape(field)}: .*not a digest"):
         fetch(reg.host, f"@{bad.digest}", out)
@@ -212,14 +199,14 @@ def test_a_same_size_edit_of_an_oci_base_manifest_is_refused(tmp_path):
 # -- redirects: a 303 is followed with a GET ----------------------------------------
 
 
-def test_an_upload_answered_with_303_is_followed_with_a_get_not_sent_again(tmp_path, registry):
+def test_an_upload_answered_with_303_is_followed_with_a_get_not_sent_again(tmp_path, hostile):
     """RFC 9110: after 303 See Other the client GETs the Location; the blob is not
     sent a second time to wherever the registry points, and the GET carries no
     Content-Length (with one, the server waited for a body: a stall until the limit)."""
     root = tmp_path / "root"
     root.mkdir()
     (root / "f").write_bytes(b"x" * 5000)
-    reg = registry()
+    reg = hostile()
     reg.on("HEAD", r"/v2/.*", lambda h, m: h.send(404))
     reg.on("POST", r"/v2/team/app/blobs/uploads/", lambda h, m: h.send(
         202, b"", {"Location": "/upload/1"}))  # fmt: skip

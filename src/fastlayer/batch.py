@@ -29,7 +29,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -495,42 +495,35 @@ def build_index(
                                  f"{'/'.join(platform_of(spec).values())}")  # fmt: skip
         seen[key] = where
     members = [f"index-member-{i}" for i in range(len(specs))]  # replaced by the index
-    with _restored_on_failure(layout) as target:
-        result = build_many(specs, target, format="oci-dir", names=members, **kw)
-        if result.failed:
-            raise _IndexFailed(result)
-        found = [(x.result.manifest_digest, platform_of(x.spec)) for x in result.items]  # type: ignore[union-attr]
-        digest = add_image_index(target, found, f"{first.name}:{first.tag}", members)  # type: ignore[arg-type]
-    failed = getattr(target, "result", None)
-    if failed is not None:
-        return failed, None
-    return result, digest
+    try:
+        with _restored_on_failure(layout) as target:
+            result = build_many(specs, target, format="oci-dir", names=members, **kw)
+            if result.failed:
+                raise _IndexFailed(result)
+            found = [(x.result.manifest_digest, platform_of(x.spec)) for x in result.items]  # type: ignore[union-attr]
+            ref = f"{first.name}:{first.tag}"
+            return result, add_image_index(target, found, ref, members)  # type: ignore[arg-type]
+    except _IndexFailed as e:
+        return e.result, None
 
 
 class _IndexFailed(Exception):
+    """An image of the index failed: nothing of the run may stay in the layout."""
+
     def __init__(self, result: BatchResult):
         self.result = result
 
 
-class _Failed(str):
-    """The target of a failed index build, carrying its batch result."""
-
-    result: BatchResult
-
-
 @contextlib.contextmanager
-def _restored_on_failure(layout: str):
+def _restored_on_failure(layout: str) -> Iterator[str]:
     """Yield where to build: a new layout is built beside it and renamed at the end;
     an existing one gets its index.json and blob list back if the build fails."""
     if not os.path.lexists(layout):
         parent = os.path.dirname(os.path.abspath(layout))
         tmp = tempfile.mkdtemp(dir=parent, prefix=".fastlayer-index-", suffix=".part")
-        target = _Failed(os.path.join(tmp, "layout"))
         try:
-            yield target
-            os.rename(target, layout)
-        except _IndexFailed as e:
-            target.result = e.result
+            yield os.path.join(tmp, "layout")
+            os.rename(os.path.join(tmp, "layout"), layout)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return
@@ -538,10 +531,9 @@ def _restored_on_failure(layout: str):
     blobs = os.path.join(layout, "blobs", "sha256")
     before = Path(index).read_bytes() if os.path.isfile(index) else None
     had = set(os.listdir(blobs)) if os.path.isdir(blobs) else set()
-    target = _Failed(layout)
     try:
-        yield target
-    except BaseException as e:
+        yield layout
+    except BaseException:
         if before is not None:
             from fastlayer.sinks.output import write_output
 
@@ -549,6 +541,4 @@ def _restored_on_failure(layout: str):
         for name in set(os.listdir(blobs)) - had if os.path.isdir(blobs) else ():
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(blobs, name))
-        if not isinstance(e, _IndexFailed):
-            raise
-        target.result = e.result
+        raise

@@ -286,11 +286,9 @@ def build(
 
 def layer_cache(cache: CacheChoice) -> LayerCache | None:
     """The LayerCache a build's cache argument names (see build)."""
-    if cache is None or isinstance(cache, (str, bool, os.PathLike)):
-        from fastlayer.cache import open_cache
+    from fastlayer.cache import open_cache
 
-        return open_cache(os.fspath(cache) if isinstance(cache, os.PathLike) else cache)
-    return cache
+    return open_cache(cache)
 
 
 def owner_of(spec: Spec) -> Owner:

@@ -40,12 +40,16 @@ def home_missing() -> bool:
     return not os.path.isdir(os.path.expanduser("~"))
 
 
-def open_cache(where: str | bool | None = None) -> LayerCache | None:
-    """The cache at where (a directory), at default_root() for None or True,
-    or none at all for False (--no-cache) or when the home it would be in is
-    missing."""
+def open_cache(
+    where: str | os.PathLike[str] | bool | LayerCache | None = None,
+) -> LayerCache | None:
+    """The cache at where (a directory, or an open LayerCache as it is), at
+    default_root() for None or True, or none at all for False (--no-cache) or
+    when the home it would be in is missing."""
     if where is False:
         return None
-    if where in (None, True):
+    if isinstance(where, LayerCache):
+        return where
+    if where is None or where is True:
         return None if home_missing() else LayerCache(default_root())
-    return LayerCache(str(where))
+    return LayerCache(os.fspath(where))

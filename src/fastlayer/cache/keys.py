@@ -75,14 +75,23 @@ def store_layer_portable_key(
     return h.hexdigest()
 
 
+def _files_hash(
+    kind: bytes, lead_dirs: Sequence[str], roots: Sequence[tuple[str, str]], owner: object,
+    rules: Sequence[object],
+) -> blake3:  # fmt: skip
+    """A hasher started on what both keys of a file layer share."""
+    h = blake3(FORMAT + kind)
+    _owner(h, owner, rules)
+    _fields(h, len(lead_dirs), *lead_dirs, len(roots))
+    return h
+
+
 def file_layer_key(
     lead_dirs: Sequence[str], roots: Sequence[tuple[str, str]], owner: object,
     rules: Sequence[object],
 ) -> str | None:  # fmt: skip
     """The key of a layer walked from disk; None when an entry cannot be read."""
-    h = blake3(FORMAT + b"files\0")
-    _owner(h, owner, rules)
-    _fields(h, len(lead_dirs), *lead_dirs, len(roots))
+    h = _files_hash(b"files\0", lead_dirs, roots, owner, rules)
     try:
         for fs, arc in roots:
             _fields(h, arc)
@@ -103,9 +112,7 @@ def file_layer_content_key(
     for big files), not inodes or times. It costs a read of every file, so it
     is asked only when the stat key missed and a skip would save more (a fresh
     checkout pushed again). None when an entry cannot be read."""
-    h = blake3(FORMAT + b"file contents\0")
-    _owner(h, owner, rules)
-    _fields(h, len(lead_dirs), *lead_dirs, len(roots))
+    h = _files_hash(b"file contents\0", lead_dirs, roots, owner, rules)
     try:
         for fs, arc in roots:
             _fields(h, arc)

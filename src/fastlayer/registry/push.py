@@ -159,6 +159,18 @@ def _spool_reader(spool: Spool) -> Callable[[], BinaryIO]:
     return open_
 
 
+def blob_cache(registry: str, cache: Any) -> BlobCache:
+    """The blob cache as a build's cache argument says: a directory (or an open
+    LayerCache) holds its registry-blobs.json, False (--no-cache) keeps it in
+    memory, None: the default one."""
+    if cache is False:
+        return BlobCache(registry, persist=False)
+    if cache is None or cache is True:
+        return BlobCache(registry)
+    root = getattr(cache, "root", None) or os.fspath(cache)
+    return BlobCache(registry, os.path.join(root, "registry-blobs.json"))
+
+
 class RegistrySink:
     """An image sink (sinks/base.py's protocol) that pushes to one repository.
 
@@ -168,12 +180,13 @@ class RegistrySink:
 
     def __init__(
         self, reg: Registry, repo: str, kind: str = "gzip", workers: int = WORKERS,
-        progress: bool = False,
+        progress: bool = False, cache: Any = None,
     ):  # fmt: skip
+        """cache: as a build's cache argument (see blob_cache)."""
         if kind not in LAYER_TYPES:
             raise FastlayerError(f"unknown compression {kind!r}; use gzip, zstd or none")
         self.reg, self.repo, self.kind = reg, repo, kind
-        self.cache = BlobCache(reg.registry)  # see use_cache
+        self.cache = blob_cache(reg.registry, cache)
         self.stats = PushStats()
         self.layers: list[WrittenLayer] = []
         self._pool = ThreadPoolExecutor(workers, "fastlayer-push")
@@ -193,16 +206,6 @@ class RegistrySink:
         self._fresh = not self.cache.knows_repo(repo)
 
     # -- layers -----------------------------------------------------------------------
-
-    def use_cache(self, cache: Any) -> None:
-        """The blob cache as a build's cache argument says: a directory holds its
-        registry-blobs.json, False (--no-cache) keeps it in memory, None: the default."""
-        if cache is False:
-            self.cache = BlobCache(self.reg.registry, persist=False)
-        elif cache is not None:
-            root = getattr(cache, "root", None) or os.fspath(cache)
-            self.cache = BlobCache(self.reg.registry, os.path.join(root, "registry-blobs.json"))
-        self._fresh = not self.cache.knows_repo(self.repo)
 
     def skips(self, known: Known) -> bool:
         """Whether the repository has (or can mount) this layer's blob, named by the
@@ -517,8 +520,7 @@ def push_image(
     image = bi.open_image(path, image_tag)
     files = bi._Files(path)  # noqa: SLF001 (raw config bytes and blob descriptors)
     reg = _registry(dest, insecure, workers, timeout, stall)
-    sink = RegistrySink(reg, dest.repository, compress, workers, progress)
-    sink.use_cache(cache)
+    sink = RegistrySink(reg, dest.repository, compress, workers, progress, cache)
 
     def body() -> tuple[ImageRecord, str]:
         descs = _oci_layer_descs(files, image) if files.exists("oci-layout") else None
@@ -645,8 +647,7 @@ def push_spec(
     spec = load_spec(spec)
     kind = compress or (spec.compression if spec.compression != "none" else "gzip")
     reg = _registry(dest, insecure, workers, timeout, stall)
-    sink = RegistrySink(reg, dest.repository, kind, workers, progress)
-    sink.use_cache(cache)
+    sink = RegistrySink(reg, dest.repository, kind, workers, progress, cache)
     sink.untagged = untagged
     own = remote is None
     if own:
