@@ -6,9 +6,10 @@ spooled at all). They go to an unlinked temporary file, or, when
 FASTLAYER_SPOOL_MEMORY allows it, to an in-memory file (memfd: page cache,
 not process RSS); either way they are copied out with sendfile by a writer
 thread, while the next layer is already being produced. The temporary file
-is the default because it measured faster: 1.84 s against 2.46 s for 1 GiB
-into `| cat` (bench/RESULTS.md), and a memfd holds shared memory that RSS
-does not show.
+is the default because it measured faster for 1 GiB into `| cat` (issue 10's
+1.84 s against 2.46 s; here 5.74 against 7.67 s and 9.41 against 9.74 s
+under load, bench/RESULTS.md), and a memfd holds shared memory that RSS does
+not show.
 """
 
 from __future__ import annotations
