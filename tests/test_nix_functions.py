@@ -151,7 +151,10 @@ class Nix:
         return dict(zip(attrs, map(Path, proc.stdout.split()), strict=True))
 
     def eval(self, body: str, name: str) -> subprocess.CompletedProcess:
-        argv = [self.nix_instantiate, "--eval", "--strict", "--json", str(self.expr(body, name))]
+        # --eval is read-only by default: a path literal (the fastlayer wrapper) that
+        # no nix-build has copied in yet would be "not valid" (seen in random order)
+        argv = [self.nix_instantiate, "--eval", "--strict", "--json", "--read-write-mode",
+                str(self.expr(body, name))]  # fmt: skip
         return self.run(argv)
 
     def run(self, argv: list[str]) -> subprocess.CompletedProcess:
