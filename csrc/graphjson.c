@@ -8,6 +8,9 @@
  * used, and the general loader then reads the file and names the culprit. */
 #include "graphjson.h"
 
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -797,6 +800,88 @@ int fg_parse(fg_graph *g, const unsigned char *buf, size_t len, const char *key,
     if (rc) return rc;
     if (peek(&s) != -1) return FG_OTHER;
     return check_columns(g);
+}
+
+/* --- a mapped file ----------------------------------------------------------- */
+
+/* Reading the file into memory costs more than parsing it (fresh pages for a
+ * copy of every byte); a mapping of the page cache costs almost nothing. The
+ * price of a mapping is SIGBUS when the file shrinks under it: that fault, in
+ * the mapped range and on the thread parsing, jumps back to fg_parse_fd, which
+ * says FG_OTHER (the general loader then reads the file as it is now). Any
+ * other SIGBUS goes to the handler that was there before.
+ *
+ * Why the jump leaves g consistent: the parser only faults on loads of the
+ * input through unsigned char lvalues, which may alias anything, so every
+ * earlier store into g has been made; malloc never touches the mapping. */
+static __thread __attribute__((tls_model("initial-exec"))) sigjmp_buf *bus_jmp;
+static __thread __attribute__((tls_model("initial-exec"))) const unsigned char *bus_lo, *bus_hi;
+static pthread_mutex_t bus_mu = PTHREAD_MUTEX_INITIALIZER;
+static int bus_users;
+static struct sigaction bus_old;
+
+static void on_bus(int sig, siginfo_t *si, void *ctx)
+{
+    const unsigned char *at = si ? (const unsigned char *)si->si_addr : NULL;
+    if (bus_jmp && at >= bus_lo && at < bus_hi) siglongjmp(*bus_jmp, 1);
+    if (bus_old.sa_flags & SA_SIGINFO) {
+        if (bus_old.sa_sigaction) bus_old.sa_sigaction(sig, si, ctx);
+        return;
+    }
+    if (bus_old.sa_handler != SIG_DFL && bus_old.sa_handler != SIG_IGN) {
+        bus_old.sa_handler(sig);
+        return;
+    }
+    /* default action: returning re-runs the faulting load, which now kills */
+    signal(SIGBUS, SIG_DFL);
+}
+
+static int bus_enter(void)
+{
+    int rc = 0;
+    pthread_mutex_lock(&bus_mu);
+    if (bus_users == 0) {
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = on_bus;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+        sigemptyset(&sa.sa_mask);
+        rc = sigaction(SIGBUS, &sa, &bus_old);
+    }
+    if (rc == 0) bus_users++;
+    pthread_mutex_unlock(&bus_mu);
+    return rc;
+}
+
+static void bus_leave(void)
+{
+    pthread_mutex_lock(&bus_mu);
+    if (--bus_users == 0) sigaction(SIGBUS, &bus_old, NULL);
+    pthread_mutex_unlock(&bus_mu);
+}
+
+int fg_parse_fd(fg_graph *g, int fd, size_t len, const char *key, size_t key_len)
+{
+    if (len == 0) return FG_OTHER;
+    unsigned char *m = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (m == MAP_FAILED) return FG_OTHER;
+    madvise(m, len, MADV_SEQUENTIAL);
+    int rc = FG_OTHER;
+    if (bus_enter() == 0) {
+        sigjmp_buf jb;
+        bus_lo = m;
+        bus_hi = m + len;
+        if (sigsetjmp(jb, 1) == 0) {
+            bus_jmp = &jb;
+            rc = fg_parse(g, m, len, key, key_len, 1);
+        } else {
+            rc = FG_OTHER; /* the file shrank while parsed */
+        }
+        bus_jmp = NULL;
+        bus_leave();
+    }
+    munmap(m, len);
+    return rc;
 }
 
 /* --- closureInfo ------------------------------------------------------------ */

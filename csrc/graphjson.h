@@ -65,6 +65,10 @@ void fg_free(fg_graph *g);
 int fg_parse(fg_graph *g, const unsigned char *buf, size_t len, const char *key, size_t key_len,
              int madv);
 
+/* Parse the first len bytes of the regular file fd, mapped rather than read.
+ * FG_OTHER also when the file shrinks while parsed. */
+int fg_parse_fd(fg_graph *g, int fd, size_t len, const char *key, size_t key_len);
+
 /* A closureInfo: `registration` (nix-store --load-db records) into the nodes,
  * `store-paths` (whitespace-separated) into `listed`. */
 int fg_parse_closure_info(fg_graph *g, const unsigned char *reg, size_t reg_len,

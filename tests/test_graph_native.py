@@ -250,3 +250,60 @@ def test_closure_info_matches_the_general_loader(tmp_path, monkeypatch, i):
         cols = graphload.parse_closure_info(reg.encode(), paths.encode(), S.encode())
         assert cols is not None and cols[0] == [A, B, C]
         assert got[1:3] == ([0, 2, 3, 3], [1, 2, 2])
+
+
+# The file is mapped, not read: a file that shrinks under the mapping raises
+# SIGBUS on the next page read, which must end the parse cleanly, not the process.
+
+
+def test_mapped_file_shorter_than_its_size_is_no_crash(tmp_path):
+    page = 4096
+    f = tmp_path / "g.json"
+    f.write_bytes(b"[" + b" " * (page - 1))  # still inside the list at the end of the file
+    with open(f, "rb") as fh:
+        # As if the file had been 3 pages when its size was taken: pages 2-3 fault.
+        assert graphload.parse_fd(fh.fileno(), 3 * page, None, b"/nix/store", S.encode()) is None
+        # The same fd, the true size: parsed (an unterminated list: not the fast path).
+        assert graphload.parse_fd(fh.fileno(), page, None, b"/nix/store", S.encode()) is None
+    whole = json.dumps(export_nodes()).encode()
+    f.write_bytes(whole)
+    with open(f, "rb") as fh:
+        cols = graphload.parse_fd(fh.fileno(), len(whole), None, b"/nix/store", S.encode())
+    assert cols is not None and cols[0] == [A, B, C]
+
+
+def test_graph_truncated_while_loaded_gives_a_graph_or_one_line(tmp_path):
+    """A writer truncates the file while `fastlayer rank` reads it: the command
+    ends with the ranking of what it read or with one line naming the file, and
+    never with a signal (SIGBUS) or a traceback."""
+    import subprocess
+    import sys
+
+    nodes = [
+        {"path": f"{S}{i:032d}-p{i}", "narSize": i, "narHash": "sha256:x",
+         "references": [f"{S}{j:032d}-p{j}" for j in range(max(0, i - 3), i)]}
+        for i in range(60000)
+    ]  # fmt: skip
+    raw = json.dumps(nodes).encode()
+    script = (
+        "import os, sys, threading, time\n"
+        "from fastlayer.errors import FastlayerError\n"
+        "from fastlayer.graph import load_graph\n"
+        "p = sys.argv[1]\n"
+        "def cut():\n"
+        "    time.sleep(float(sys.argv[2]))\n"
+        "    os.truncate(p, 4096)\n"
+        "threading.Thread(target=cut).start()\n"
+        "try:\n"
+        "    g = load_graph(p)\n"
+        "    print('graph', g.n)\n"
+        "except FastlayerError as e:\n"
+        "    print('error', str(e).splitlines()[0][:80])\n"
+    )
+    for delay in (0.0, 0.002, 0.01, 0.03, 0.08):
+        f = tmp_path / "g.json"
+        f.write_bytes(raw)
+        r = subprocess.run([sys.executable, "-c", script, str(f), str(delay)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 0, (delay, r.returncode, r.stderr[-500:])
+        assert r.stdout.startswith(("graph 60000", "error ")), r.stdout

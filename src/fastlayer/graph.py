@@ -296,30 +296,22 @@ def load_graph(
 def _load_native(f: Any, key: str | None, store_dir: str, source: str) -> ClosureGraph | None:
     """The common case, parsed natively into the CSR arrays (no Python object per
     reference). None for anything else, including every error: the general
-    loader then reads the file again and names the culprit. The file is read,
-    not mapped: a file truncated while mapped would kill the process (SIGBUS)."""
+    loader then reads the file again and names the culprit. The file is mapped,
+    not read (a copy of it in fresh memory cost more than the parse); a file
+    that shrinks while mapped is caught by the parser, not a crash."""
     from fastlayer._native import graphload
 
     prefix = store_dir.rstrip("/") + "/"
     if not (store_dir.isascii() and store_dir.isprintable()):
         return None
-    buf = bytearray(os.fstat(f.fileno()).st_size)
-    got = f.readinto(buf) or 0
-    if got < len(buf):  # it shrank: read by the general loader
-        f.seek(0)
-        return None
-    # The parser drops pages of buf behind it (keeps peak memory near one copy
-    # of the file); buf is not used again.
-    cols = graphload.parse(
-        buf,
+    size = os.fstat(f.fileno()).st_size
+    cols = graphload.parse_fd(
+        f.fileno(),
+        size,
         None if key is None else key.encode(),
         store_dir.encode(),
         prefix.encode(),
-        drop_pages=True,
     )
-    del buf
-    if cols is None:
-        f.seek(0)
     return _native_graph(cols, store_dir, source)
 
 

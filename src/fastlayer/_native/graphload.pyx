@@ -51,6 +51,7 @@ cdef extern from "graphjson.h":
     void fg_free(fg_graph *g) nogil
     int fg_parse(fg_graph *g, const unsigned char *buf, size_t len, const char *key,
                  size_t key_len, int madv) nogil
+    int fg_parse_fd(fg_graph *g, int fd, size_t len, const char *key, size_t key_len) nogil
     int fg_parse_closure_info(fg_graph *g, const unsigned char *reg, size_t reg_len,
                               const unsigned char *sp, size_t sp_len) nogil
 
@@ -64,6 +65,14 @@ cdef list _strings(const char *arena, const int64_t *off, const uint32_t *length
     return out
 
 
+cdef void _inputs(fg_graph *g, bytes store_dir, bytes check_prefix):
+    fg_init(g)
+    g.store_dir = store_dir
+    g.store_dir_len = len(store_dir)
+    g.check_prefix = check_prefix
+    g.check_prefix_len = len(check_prefix)
+
+
 def parse(const unsigned char[::1] buf, key, bytes store_dir, bytes check_prefix,
           bint drop_pages=False):
     """(names, counts, cols, nar_size, nar_hash, closure_size, deriver) or None.
@@ -74,23 +83,35 @@ def parse(const unsigned char[::1] buf, key, bytes store_dir, bytes check_prefix
     pages are dropped (zeroed) once parsed, so a large file is in memory about
     once, not once plus its parse."""
     cdef fg_graph g
-    cdef const char *key_p = NULL
-    cdef size_t key_n = 0
+    cdef const char *key_p = NULL if key is None else <bytes>key
+    cdef size_t key_n = 0 if key is None else len(<bytes>key)
     cdef int rc
-    cdef size_t i, n, m = buf.shape[0]
+    cdef size_t m = buf.shape[0]
     if m == 0:
         return None
-    if key is not None:
-        key_p = <bytes>key
-        key_n = len(<bytes>key)
-    fg_init(&g)
-    g.store_dir = store_dir
-    g.store_dir_len = len(store_dir)
-    g.check_prefix = check_prefix
-    g.check_prefix_len = len(check_prefix)
+    _inputs(&g, store_dir, check_prefix)
     try:
         with nogil:
             rc = fg_parse(&g, &buf[0], m, key_p, key_n, drop_pages)
+        return _result(&g, rc)
+    finally:
+        fg_free(&g)
+
+
+def parse_fd(int fd, size_t size, key, bytes store_dir, bytes check_prefix):
+    """`parse` of the first `size` bytes of the regular file `fd`, mapped rather
+    than read (no copy of the file in memory). None also when the file shrinks
+    while it is parsed."""
+    cdef fg_graph g
+    cdef const char *key_p = NULL if key is None else <bytes>key
+    cdef size_t key_n = 0 if key is None else len(<bytes>key)
+    cdef int rc
+    if size == 0:
+        return None
+    _inputs(&g, store_dir, check_prefix)
+    try:
+        with nogil:
+            rc = fg_parse_fd(&g, fd, size, key_p, key_n)
         return _result(&g, rc)
     finally:
         fg_free(&g)
