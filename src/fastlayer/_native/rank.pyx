@@ -12,6 +12,7 @@ touched per node. The popularity sums are the expensive part: see `ancestor_sums
 import numpy as np
 
 cimport numpy as cnp
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memchr, memcmp, memcpy, memset
@@ -711,3 +712,20 @@ def tie_ranks(list names):
         free(items)
         free(buf)
     return ranks_arr
+
+
+def lines(list names, const int64_t[::1] order):
+    """b"".join(names[i].encode() + b"\\n" for i in order), without the objects."""
+    cdef Py_ssize_t n = order.shape[0], i, ln, total = 0, pos = 0
+    cdef const char *s
+    for i in range(n):
+        PyUnicode_AsUTF8AndSize(names[order[i]], &ln)
+        total += ln + 1
+    out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char *buf = PyBytes_AS_STRING(out)
+    for i in range(n):
+        s = PyUnicode_AsUTF8AndSize(names[order[i]], &ln)
+        memcpy(buf + pos, s, ln)
+        buf[pos + ln] = 10
+        pos += ln + 1
+    return out

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastlayer.commands import add_graph_arguments
 from fastlayer.graph import load_graph
-from fastlayer.plan import rank
+from fastlayer.plan import ranked_lines
 from fastlayer.sinks.output import write_output
 
 
@@ -25,10 +25,10 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     graph = load_graph(args.graph, key=args.key, store_dir=args.store_dir)
-    text = "\n".join(rank(graph)) + "\n"
+    text = ranked_lines(graph) if graph.n else b"\n"
     if args.output and args.output != "-":
-        write_output(args.output, text.encode())  # the -o rules of every command
+        write_output(args.output, text)  # the -o rules of every command
     else:
-        sys.stdout.write(text)
+        sys.stdout.buffer.write(text)
         sys.stdout.flush()
     return 0

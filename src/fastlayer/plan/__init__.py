@@ -28,6 +28,7 @@ _EXPORTS = {
     "store_layer_budget": "fastlayer.plan.limit",
     "make_plan": "fastlayer.plan.make",
     "rank": "fastlayer.plan.make",
+    "ranked_lines": "fastlayer.plan.popularity",
     "shared_plans": "fastlayer.plan.shared",
 }
 __all__ = sorted(_EXPORTS)
