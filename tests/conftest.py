@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import tempfile
 
 import pytest
@@ -65,3 +66,17 @@ def hostile():
     yield make
     for s in servers:
         s.stop()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 64 KiB tmpfs of the test's own (a disk to fill), unmounted at the end."""
+    validators.require_root("mounts a tmpfs")
+    where = tmp_path / "tiny"
+    where.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        validators.unavailable(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)

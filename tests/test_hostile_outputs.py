@@ -532,3 +532,17 @@ def test_metadata_on_the_image_path_is_refused(tmp_path, meta):
     r = cli(tmp_path, "build", "-q", str(spec), "-o", "img.tar", "--metadata", meta)
     one_error(r, "--metadata", "the image's own -o path")
     assert not (tmp_path / "img.tar").exists()
+
+
+def test_full_disk_names_the_output_and_leaves_nothing(tmp_path, tiny_fs):
+    """An image bigger than the disk its output is on: one line naming the output
+    and the cause, and no temporary file left filling the disk."""
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    (rootfs / "big").write_bytes(os.urandom(256 << 10))  # 4x the 64 KiB disk
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"name": "app", "tag": "1", "contents": {"roots": [str(rootfs)]}}))
+    out = tiny_fs / "image.tar"
+    r = cli(tmp_path, "build", str(spec), "-o", str(out), "--no-cache")
+    one_error(r, str(out), "No space left on device")
+    assert os.listdir(tiny_fs) == []

@@ -551,20 +551,6 @@ def test_deleted_store_path_is_an_error_never_a_cached_image(registry, tmp_path,
 # --- 6. a full or read-only cache -------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A 64 KiB tmpfs of the test's own, unmounted at the end."""
-    validators.require_root("mounts a tmpfs for the cache")
-    where = tmp_path / "tiny"
-    where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
-                          capture_output=True, text=True)  # fmt: skip
-    if proc.returncode != 0:
-        validators.unavailable(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def fill(where: Path) -> None:
     """Use every byte of the file system at where."""
     with open(where / "filler", "wb", buffering=0) as f:

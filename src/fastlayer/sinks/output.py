@@ -13,6 +13,7 @@ What `-o PATH` does, by what PATH is (README "Command line"):
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import sys
@@ -129,6 +130,9 @@ def _open_stream(path: str) -> int:
     return fd
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # errors only a write gives
+
+
 @contextlib.contextmanager
 def _atomic_fd(real: str, given: str) -> Iterator[int]:
     """A new file renamed over real when the body succeeds; given names it in messages."""
@@ -139,7 +143,13 @@ def _atomic_fd(real: str, given: str) -> Iterator[int]:
         via = f" (it links to {real})" if real != given else ""
         raise FastlayerError(f"cannot write {given}{via}: {e.strerror}") from None
     try:
-        yield fd
+        try:
+            yield fd
+        except OSError as e:
+            # A write to fd carries no file name: say which output filled up.
+            if e.filename is None and e.errno in _FULL:
+                raise FastlayerError(f"cannot write {given}: {e.strerror}") from None
+            raise
         os.fchmod(fd, 0o644 & ~_umask())
         os.close(fd)
         fd = -1
