@@ -142,3 +142,20 @@ def architecture(image: Path) -> str:
     """The architecture in the config of the image, as fastlayer inspect reads it."""
     found = json.loads(fastlayer("inspect", str(image), "--json").stdout)
     return found["images"][0]["config"]["architecture"]
+
+
+def test_inspect_picks_each_platform_of_a_layout_index(tmp_path):
+    layout = tmp_path / "layout"
+    r = fastlayer("build", "--index", *specs(tmp_path), "-o", str(layout), "--format", "oci-dir")
+    assert r.returncode == 0, r.stderr
+    layers = {}
+    for arch in PLATFORMS:
+        r = fastlayer("inspect", str(layout), "--arch", arch, "--json")
+        assert r.returncode == 0, r.stderr
+        image = json.loads(r.stdout)["images"][0]
+        assert image["config"]["architecture"] == arch
+        layers[arch] = image["layers"][0]["diff_id"]
+    assert layers["amd64"] != layers["arm64"]  # each its own /arch file
+    r = fastlayer("inspect", str(layout), "--arch", "s390x")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "no linux/s390x manifest; it has: linux/amd64, linux/arm64/v8" in r.stderr

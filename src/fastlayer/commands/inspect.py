@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="pick the image with this tag in an archive that holds several "
         "(give once per IMAGE, in order)",
     )
+    p.add_argument("--os", default="linux", help="platform of a multi-platform image")
+    p.add_argument("--arch", help="default: this machine's (amd64, arm64, ...)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
 
@@ -87,8 +89,10 @@ def layer_contents(layer: Layer, what: str) -> dict[str, Any]:
     }
 
 
-def describe(path: str, tag: str | None) -> dict[str, Any]:
-    image: Image = open_image(path, tag)
+def describe(
+    path: str, tag: str | None, os_name: str = "linux", arch: str | None = None
+) -> dict[str, Any]:
+    image: Image = open_image(path, tag, os_name, arch)
     return {
         "image": path,
         "repo_tags": image.repo_tags,
@@ -113,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if len(args.tag) > len(args.images):
         raise FastlayerError("more --tag options than images")
     tags = args.tag + [None] * (len(args.images) - len(args.tag))
-    described = [describe(p, t) for p, t in zip(args.images, tags, strict=True)]
+    described = [describe(p, t, args.os, args.arch) for p, t in zip(args.images, tags, strict=True)]
     result: dict[str, Any] = {"images": described}
     if len(described) == 2:
         result["shared"] = shared_layers(*described)

@@ -401,7 +401,14 @@ def _platform(path: str, descs: list[dict], os_name: str, arch: str | None) -> d
         p = d.get("platform") or {}
         if p.get("os") == os_name and p.get("architecture") == arch:
             return d
-    raise FastlayerError(f"image {path} has no {os_name}/{arch} manifest")
+    have = [
+        "/".join(str(p[k]) for k in ("os", "architecture", "variant") if p.get(k))
+        for p in (d.get("platform") or {} for d in descs)
+    ]
+    raise FastlayerError(
+        f"image {path} has no {os_name}/{arch} manifest; it has: "
+        + (", ".join(h for h in have if h) or "no platform named")
+    )
 
 
 def _host_arch() -> str:
