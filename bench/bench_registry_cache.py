@@ -14,13 +14,17 @@ portable keys do not look at beyond one lstat per store path):
 - A again, unchanged, with its local cache warm (a HEAD per layer): the floor;
 - B (empty local cache, --repeat times, each with a fresh home and a new
   target repository): `push` to team/bN with the same --cache-repo; the
-  blobs it uploads (the registry's access log) and, in a separate run under
-  strace, the store files it opens and their bytes;
+  requests it makes and blobs it uploads (the registry's access log) and,
+  in a separate run under strace, the store files it opens and their bytes;
 - lookups: --lookups keys asked of the cache repository at once (all misses,
   404) and the ~100 keys of this image (all hits), in process;
 - what a download would cost against reading the store: the image's layer
   blobs fetched from the registry, gunzipped and hashed, against a cold
   `build -o - --no-cache` (to /dev/null) (store read + tar + sha256).
+
+fastlayer's modules are byte-compiled first (`compileall`, as an installed
+package is), since this environment may set PYTHONDONTWRITEBYTECODE, which
+would make every run compile them again. The load average is printed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -106,6 +111,8 @@ def main() -> int:
         raise SystemExit("bench_registry_cache needs strace (apt-get install strace)")
     directory = Path(args.dir) / "store"
     ensure_store(directory, parse_size(args.size))
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(HERE.parent / "src")],
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     store = directory / "nix" / "store"
     res: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-rcache-", dir=args.dir) as tmp:
@@ -123,14 +130,18 @@ def main() -> int:
             warm = run(push(the_spec, f"docker://{host}/team/a:1", cache), {**os.environ,
                        "XDG_CACHE_HOME": str(work / "a")})  # fmt: skip
             res["a_warm"] = warm  # A again, its own cache warm: one HEAD per layer
-            times, uploads = [], []
+            times, uploads, asked = [], [], []
             for i in range(args.repeat):
                 mark = reg.mark()
                 times.append(run(push(the_spec, f"docker://{host}/team/b{i}:1", cache),
                                  env_of(work / f"b{i}")))  # fmt: skip
                 uploads.append(len(reg.uploads_since(mark)))
-            res["b"], res["b_uploads"] = min(times), max(uploads)
-            res["startup"] = run([sys.executable, "-c", "import fastlayer.registry.push, numpy"])
+                asked.append(len(reg.requests()[mark:]))
+            res["b"], res["b_uploads"], res["b_requests"] = min(times), max(uploads), max(asked)
+            res["startup"] = min(
+                run([sys.executable, "-c", "import fastlayer.registry.push, numpy"])
+                for _ in range(3)
+            )
             files, read = store_bytes_read(
                 push(the_spec, f"docker://{host}/team/bs:1", cache),
                 store, env_of(work / "bs"),
@@ -155,11 +166,14 @@ def main() -> int:
 
 def report(res: dict, args: argparse.Namespace) -> None:
     mib = 1 << 20
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"A cold push, no shared cache: {res['a_plain']:.2f} s")
     print(f"A cold push with --cache-repo: {res['a_cold']:.2f} s "
           f"({res['a_cold'] / res['a_plain']:.3f}x; {res['entries']} entries written)")  # fmt: skip
     print(f"B push of the same image, empty local cache: {res['b']:.2f} s "
           f"({res['b'] / res['a_cold']:.3f}x A's cold push); blobs uploaded: {res['b_uploads']}; "
+          f"registry requests: {res['b_requests']} ({res['b_requests'] / res['layers']:.2f} "
+          "per layer); "
           f"store files opened: {res['b_files_read']} ({res['b_bytes_read']} bytes); "
           f"of which Python start and imports: {res['startup']:.2f} s")  # fmt: skip
     print(f"A's unchanged re-push, its local cache warm: {res['a_warm']:.2f} s "

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,44 @@ def test_a_batch_shares_the_cache_too(world, registry, monkeypatch, tmp_path):
     assert not second.failed and registry.uploads_since(mark) == []
     for name in ("app", "ssl"):
         assert manifest(registry, f"tb/{name}", "1") == manifest(registry, f"ta/{name}", "1")
+    # the images share the libc and libssl layers: one lookup per key and one size
+    # check per blob for the whole batch, not one per image
+    asked = Counter((m, u) for m, u, _ in registry.requests()[mark:] if "/ci/batch/" in u)
+    gets = [n for (m, u), n in asked.items() if m == "GET" and "/manifests/" in u]
+    heads = [n for (m, u), n in asked.items() if m == "HEAD" and "/blobs/" in u]
+    assert len(gets) == 3 and set(gets) == {1}
+    assert len(heads) >= 3 and set(heads) == {1}
+
+
+@pytest.mark.validators
+def test_machine_b_checks_each_blob_once_in_the_cache_and_mounts_it(
+    world, registry, monkeypatch, capsys
+):
+    """B's requests per layer: the entry, one HEAD of its blob in the cache
+    repository (its size), the mount; no HEAD in the target. An entry whose size
+    alone is wrong is caught by that HEAD, and the layer is built."""
+    a, b, _ = world
+    cache = f"docker://{registry.host}/ci/sizes"
+    first = a.push(monkeypatch, f"docker://{registry.host}/team/sa:1", cache_repo=cache)
+    layers = [x["digest"] for x in manifest(registry, "team/sa", "1")["layers"]]
+    mark = registry.mark()
+    second = b.push(monkeypatch, f"docker://{registry.host}/team/sb:1", cache_repo=cache)
+    assert second.digest == first.digest and second.build.remote_hits == 3
+    asked = registry.requests()[mark:]
+    for digest in layers[:3]:  # the store layers, from the entries
+        hexd = digest.split(":")[1]  # a mount's query has it as sha256%3A...
+        assert [(m, s) for m, u, s in asked if hexd in u] == [("HEAD", 200), ("POST", 201)]
+        assert [u for m, u, _ in asked if hexd in u][0].startswith("/v2/ci/sizes/blobs/")
+    assert not [u for m, u, _ in asked if u.startswith("/v2/team/sb/blobs/sha256:")
+                and u.rsplit("/", 1)[1] in layers[:3]]  # fmt: skip
+
+    tag = entry_tags(registry, "ci/sizes")[0]
+    lie = manifest(registry, "ci/sizes", tag)
+    lie["layers"][0]["size"] += 1  # the right blob, the wrong size
+    put_manifest(registry, "ci/sizes", tag, lie)
+    b.home = b.home.with_name("xdg2")  # an empty local cache again
+    capsys.readouterr()
+    third = b.push(monkeypatch, f"docker://{registry.host}/team/sc:1", cache_repo=cache)
+    err = capsys.readouterr().err
+    assert third.digest == first.digest and third.build.remote_hits == 2
+    assert f"entry {tag[:12]}: its blob is missing or not as described" in err

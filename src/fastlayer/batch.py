@@ -194,6 +194,8 @@ def push_many(
 ) -> BatchResult:
     """Push every spec's image to prefix/<last component of its name>:<tag>
     (with shard, those of shard K of N only)."""
+    from fastlayer.cache.remote import RegistryCache
+    from fastlayer.registry.client import STALL
     from fastlayer.registry.push import push_spec
     from fastlayer.registry.reference import parse_reference
 
@@ -208,16 +210,29 @@ def push_many(
                 item.output += f":{item.spec.tag}"
     _no_duplicates(items, "destination")
 
+    # one shared layer cache for the batch: a key is asked, and a blob's size checked,
+    # once for every image, and an entry one image wrote is not written again. It lives
+    # as long as the batch, so --timeout (one push's limit) is not its limit: the stall
+    # limit is
+    remote = RegistryCache.from_flags(
+        *(push.pop(k, None) for k in ("cache_repo", "cache_from", "cache_to")),
+        insecure=push.get("insecure", False), stall=push.get("stall", STALL),
+    )  # fmt: skip
+
     def run(item: Item, reuse: dict) -> BuildResult:
         pushed = push_spec(item.spec, item.output, cache=cache, plan=item.plan,
-                           inputs=item.inputs, **push)  # fmt: skip
+                           inputs=item.inputs, remote=remote, **push)  # fmt: skip
         item.output = f"{pushed.reference.name}:{pushed.tag}@{pushed.digest}"
         item.written = pushed.stats.uploaded_bytes
         assert pushed.build is not None
         return pushed.build
 
-    with _batch_cache(cache) as cache:
-        _schedule(items, run, max(1, jobs), on_done)
+    try:
+        with _batch_cache(cache) as cache:
+            _schedule(items, run, max(1, jobs), on_done)
+    finally:
+        if remote is not None:
+            remote.close()
     return BatchResult(items, shard)
 
 

@@ -18,8 +18,13 @@ document, and lookups run in parallel (a bounded pool).
 
 Everything read is untrusted (untrusted.py): size-capped, types and
 digests checked. An entry is a hint: the sink acts on it only where the
-registry confirms it (HEAD, or a mount whose size is then checked), and a
-hint that fails is dropped with one warning and the layer built. Failures
+registry confirms it, and a hint that fails is dropped with one warning and
+the layer built. The confirmation is one HEAD of each blob in the cache
+repository per run (source_size), shared by every image of a batch: the
+registry mounts a blob only by its digest, and the digest fixes the size,
+so a blob mounted from there is the one that HEAD measured and needs no
+HEAD of its own in each target (the registry does not check the sizes a
+manifest claims: a wrong one would make a broken image). Failures
 to read or write the cache repository (refused artifact, auth, network)
 warn once and the build goes on without it.
 """
@@ -32,7 +37,7 @@ import json
 import re
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from fastlayer import untrusted
@@ -104,6 +109,7 @@ class RegistryCache:
         self._warned: set[str] = set()
         self._read_off = self._write_off = False
         self._empty_in: set[str] = set()  # repositories known to hold the "{}" config
+        self._sizes: dict[tuple[str, str], Future] = {}  # (repository, blob) -> size: HEAD
 
     @classmethod
     def from_flags(
@@ -172,6 +178,31 @@ class RegistryCache:
                         self.blob_sources[digest] = src.repository
         return {k: self.hits[k] for k in keys if k in self.hits}
 
+    def _remember(self, key: str, entry: Entry, repo: str) -> None:
+        """An entry this run wrote, as a hit: what it names is in repo."""
+        kinds = {kind: MEDIA_TYPES[kind.split("/")[0]] for kind in entry.blobs}
+        with self._lock:
+            self.hits[key] = Hit(entry, kinds)
+            for digest, _ in entry.blobs.values():
+                self.blob_sources[digest] = repo
+
+    def source_size(self, reg: Registry, repo: str, digest: str) -> int | None:
+        """The size of blob digest in repo (None: not there), by one HEAD per blob for
+        the whole run, shared by the pushes of a batch. reg: a client of repo's registry."""
+        with self._lock:
+            asked = self._sizes.get((repo, digest))
+            mine = asked is None
+            if asked is None:
+                asked = self._sizes[(repo, digest)] = Future()
+        if mine:
+            try:
+                asked.set_result(reg.blob_size(repo, digest))
+            except BaseException as e:
+                with self._lock:
+                    del self._sizes[(repo, digest)]  # a failure is not remembered
+                asked.set_exception(e)
+        return asked.result()
+
     def _get(self, reg: Registry, src: Reference, key: str) -> Hit | None:
         if self._read_off:
             return None
@@ -187,7 +218,7 @@ class RegistryCache:
                     return None
                 raw = reg.read_capped(r, what, MAX_MANIFEST)
             finally:
-                r.close()
+                reg.done(r, drain=4096)
             return parse_entry(untrusted.parse_json(raw, what), f"cache entry {src}:{key[:12]}")
         except untrusted.Invalid as e:
             self.warn(f"{untrusted.short(e, 300)}; ignored, the layer is built")
@@ -248,18 +279,22 @@ class RegistryCache:
             if self._write_off:
                 return False
             try:
-                held = {}
-                for kind, (digest, size) in entry.blobs.items():
-                    there = reg.blob_size(dst.repository, digest) == size
-                    if there or _mounted(reg, dst.repository, digest, at.repository, size):
-                        held[kind] = (digest, size)
+                # the blobs are this push's (sizes measured here, or checked by a HEAD),
+                # so a mount, which links the blob of that digest, is all the check needed
+                # (it succeeds too when the cache repository has the blob already)
+                held = {
+                    kind: blob for kind, blob in entry.blobs.items()
+                    if reg.start_upload(dst.repository, mount=blob[0], source=at.repository) == ""
+                }  # fmt: skip
                 if not held:
                     digest = next(iter(entry.blobs.values()))[0]
                     self.warn(f"layer cache {dst}: blob {digest[:19]} did not mount from "
                               f"{at.repository}; entry not written")  # fmt: skip
                     return False
-                raw = entry_manifest(Entry(entry.diff_id, entry.size, held))
-                reg.put_manifest(dst.repository, key, raw, MT_OCI_MANIFEST)
+                written = Entry(entry.diff_id, entry.size, held)
+                reg.put_manifest(dst.repository, key, entry_manifest(written), MT_OCI_MANIFEST)
+                if self.writes_where_read():  # later images of a batch need not ask nor write it
+                    self._remember(key, written, dst.repository)
                 return True
             except FastlayerError as e:
                 self._write_off = True
@@ -268,10 +303,8 @@ class RegistryCache:
                 return False
 
         def mount(blob: tuple[str, int]) -> None:
-            digest, size = blob
             with contextlib.suppress(FastlayerError):  # only a convenience
-                if reg.blob_size(dst.repository, digest) is None:
-                    reg.start_upload(dst.repository, mount=digest, source=at.repository)
+                reg.start_upload(dst.repository, mount=blob[0], source=at.repository)
 
         with ThreadPoolExecutor(LOOKUPS, "fastlayer-cache") as pool:
             done = sum(pool.map(one, items))
@@ -287,13 +320,6 @@ class RegistryCache:
         location = reg.start_upload(repo)
         reg.finish_upload(repo, location, EMPTY_DIGEST, EMPTY, len(EMPTY))  # type: ignore[arg-type]
         self._empty_in.add(repo)
-
-
-def _mounted(reg: Registry, repo: str, digest: str, source: str, size: int) -> bool:
-    """Mount digest from source into repo; True when it is there now, of that size."""
-    return reg.start_upload(repo, mount=digest, source=source) == "" and (
-        reg.blob_size(repo, digest) == size
-    )
 
 
 def entry_manifest(entry: Entry) -> bytes:

@@ -32,6 +32,7 @@ What a registry sends is untrusted (DESIGN.md section 9):
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import re
 import socket
@@ -314,7 +315,7 @@ class Registry:
             # only the registry's own challenge is answered, never one met after a redirect
             if r.status_code != 401 or attempt or _origin(r.url) != self.origin:
                 break
-            r.close()
+            r.close()  # not kept alive: registries may close after a 401
             self._answer(r.headers.get("WWW-Authenticate", ""), scope, what)
         if r.status_code in ok or r.status_code in allow:
             return r
@@ -504,6 +505,24 @@ class Registry:
             raise untrusted.Invalid(f"registry {self.registry}: {what}: larger than {cap} bytes")
         return bytes(buf)
 
+    def done(self, r: requests.Response, drain: int = 0) -> None:
+        """Close a response. Its connection goes back to the pool for the next request
+        (keep-alive: no new connection per request) when its body was read to the end
+        or had none; with drain, a body of at most that many bytes is read off first.
+        Any other connection is closed: its unread bytes would be the next answer's."""
+        raw = r.raw
+        if drain and not _ended(raw):
+            with contextlib.suppress(FastlayerError):
+                left = drain
+                for chunk in self.chunks(r, "reading a small answer", drain):
+                    left -= len(chunk)
+                    if left < 0:
+                        break
+        if _ended(raw):
+            raw.release_conn()
+        else:
+            r.close()
+
     # -- the distribution API -------------------------------------------------------
 
     def get_manifest(self, repo: str, reference: str, accept: list[str]) -> requests.Response:
@@ -520,7 +539,7 @@ class Registry:
             what=f"PUT manifest {repo}:{reference}", ok=(201, 200),
             headers={"Content-Type": media_type}, data=data,
         )  # fmt: skip
-        r.close()
+        self.done(r)
         return r.headers.get("Docker-Content-Digest", "")
 
     def blob_size(self, repo: str, digest: str) -> int | None:
@@ -532,7 +551,7 @@ class Registry:
             "HEAD", f"/v2/{repo}/blobs/{digest}", scope=_push(repo),
             what=f"HEAD blob {digest[:19]} in {repo}", allow=(404,),
         )  # fmt: skip
-        r.close()
+        self.done(r)
         if r.status_code == 404:
             return None
         named = r.headers.get("Docker-Content-Digest")
@@ -556,7 +575,7 @@ class Registry:
             "POST", f"/v2/{repo}/blobs/uploads/", scope=scope,
             what=f"POST upload to {repo}", ok=(201, 202), params=params,
         )  # fmt: skip
-        r.close()
+        self.done(r, drain=4096)
         if r.status_code == 201 and params:
             return ""
         location = r.headers.get("Location")
@@ -572,7 +591,12 @@ class Registry:
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
             data=body,
         )  # fmt: skip
-        r.close()
+        self.done(r, drain=4096)
+
+
+def _ended(raw: urllib3.response.HTTPResponse | None) -> bool:
+    """Whether a response's body has been read to its end (or it had none)."""
+    return raw is not None and (raw.length_remaining == 0 or raw.closed)
 
 
 def content_length(r: requests.Response) -> int | None:

@@ -197,8 +197,11 @@ class RegistrySink:
         self.untagged = False  # put the manifest by digest only (an index's member)
         self.manifest_size = 0
         # blob digest -> a repository of this registry said to hold it (a layer cache
-        # shared through the registry): mounted from there first, its size then checked
+        # shared through the registry): its size checked there, then mounted from there
         self.mount_sources: dict[str, str] = {}
+        # (registry, repository, digest) -> the blob's size there: a HEAD, or a layer
+        # cache's source_size (cache/remote.py), one HEAD per blob for a whole batch
+        self.source_size: Callable[[Registry, str, str], int | None] = _blob_size
         self.mount_fallback: str | None = None  # that cache's repository, for other blobs
         self._bar = _bar() if progress else None
         # Compress as produced when the cache knows nothing of this repository (a first
@@ -335,11 +338,17 @@ class RegistrySink:
         the registry opened instead, or None when no repository was tried."""
         location = None
         shared = self.mount_sources.get(blob.digest)
-        if shared and shared != self.repo:
+        # a hint from another machine: the blob must be what it said, which one HEAD
+        # there per blob tells; a mount then links that very blob (its digest fixes its
+        # size), so no HEAD here
+        if (
+            shared
+            and shared != self.repo
+            and (self.source_size(self.reg, shared, blob.digest) == blob.size)
+        ):
             location = self.reg.start_upload(self.repo, mount=blob.digest, source=shared)
             if location == "":
-                # a hint from another machine: the blob must be what it said
-                return "" if self._present(blob) else None
+                return ""
         others = [r for r in self.cache.repos_with(blob.digest) if r not in (self.repo, shared)]
         if not others and self.mount_fallback not in (None, self.repo, shared):
             others = [self.mount_fallback]  # type: ignore[list-item]
@@ -441,6 +450,10 @@ class RegistrySink:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _blob_size(reg: Registry, repo: str, digest: str) -> int | None:
+    return reg.blob_size(repo, digest)
 
 
 class _BytesReader:
@@ -659,6 +672,7 @@ def push_spec(
     if remote is not None and remote.same_registry(dest, remote.source):
         sink.mount_sources = remote.blob_sources  # hits are mounted from there
         sink.mount_fallback = remote.source.repository  # so is any blob it holds
+        sink.source_size = remote.source_size
 
     built: list = []
 
