@@ -83,12 +83,15 @@ def parse(const unsigned char[::1] buf, key, bytes store_dir, bytes check_prefix
     pages are dropped (zeroed) once parsed, so a large file is in memory about
     once, not once plus its parse."""
     cdef fg_graph g
-    cdef const char *key_p = NULL if key is None else <bytes>key
-    cdef size_t key_n = 0 if key is None else len(<bytes>key)
+    cdef const char *key_p = NULL
+    cdef size_t key_n = 0
     cdef int rc
     cdef size_t m = buf.shape[0]
     if m == 0:
         return None
+    if key is not None:
+        key_p = <bytes>key
+        key_n = len(<bytes>key)
     _inputs(&g, store_dir, check_prefix)
     try:
         with nogil:
@@ -103,11 +106,14 @@ def parse_fd(int fd, size_t size, key, bytes store_dir, bytes check_prefix):
     than read (no copy of the file in memory). None also when the file shrinks
     while it is parsed."""
     cdef fg_graph g
-    cdef const char *key_p = NULL if key is None else <bytes>key
-    cdef size_t key_n = 0 if key is None else len(<bytes>key)
+    cdef const char *key_p = NULL
+    cdef size_t key_n = 0
     cdef int rc
     if size == 0:
         return None
+    if key is not None:
+        key_p = <bytes>key
+        key_n = len(<bytes>key)
     _inputs(&g, store_dir, check_prefix)
     try:
         with nogil:
