@@ -288,7 +288,10 @@ def load_graph(
         graph = _load_native(f, key, store_dir or default_store_dir(), name)
         if graph is not None:
             return graph
-        raw = f.read()
+        try:
+            raw = f.read()
+        except MemoryError:  # e.g. a sparse file of many GB: no traceback
+            raise FastlayerError(f"cannot read {name}: out of memory") from None
     data = untrusted.parse_json(raw, f"malformed JSON in {name}", max_depth=None)
     return graph_from_json(data, key=key, store_dir=store_dir, source=name)
 
