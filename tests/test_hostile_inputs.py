@@ -314,6 +314,13 @@ def test_graph_too_large_to_hold_is_one_line(tmp_path):
     assert_one_line(r, f"cannot read {graph}: out of memory")
 
 
+def test_undecodable_graph_key_is_one_line(tmp_path):
+    # A KEY argument of bytes that are not UTF-8 (Python holds them as surrogates).
+    graph = tmp_path / "graph.json"
+    graph.write_text(json.dumps({"graph": [{"path": A, "references": []}]}))
+    assert_one_line(run_cli("rank", str(graph), "k\udcff"), "no key 'k\\udcff'")
+
+
 @pytest.mark.parametrize(
     "registration,needle",
     [

@@ -307,6 +307,8 @@ def _load_native(f: Any, key: str | None, store_dir: str, source: str) -> Closur
     prefix = store_dir.rstrip("/") + "/"
     if not (store_dir.isascii() and store_dir.isprintable()):
         return None
+    if key is not None and not key.isascii():  # the parser keeps ASCII keys only
+        return None
     size = os.fstat(f.fileno()).st_size
     cols = graphload.parse_fd(
         f.fileno(),
