@@ -822,7 +822,10 @@ static struct sigaction bus_old;
 
 static void on_bus(int sig, siginfo_t *si, void *ctx)
 {
-    const unsigned char *at = si ? (const unsigned char *)si->si_addr : NULL;
+    /* si_code > 0: a fault the kernel raised; kill() and sigqueue() say <= 0 and
+     * their si_addr is no address */
+    int fault = si && si->si_code > 0;
+    const unsigned char *at = fault ? (const unsigned char *)si->si_addr : NULL;
     if (bus_jmp && at >= bus_lo && at < bus_hi) siglongjmp(*bus_jmp, 1);
     if (bus_old.sa_flags & SA_SIGINFO) {
         if (bus_old.sa_sigaction) bus_old.sa_sigaction(sig, si, ctx);
@@ -832,8 +835,11 @@ static void on_bus(int sig, siginfo_t *si, void *ctx)
         bus_old.sa_handler(sig);
         return;
     }
-    /* default action: returning re-runs the faulting load, which now kills */
+    if (!fault && bus_old.sa_handler == SIG_IGN) return; /* a sent one, ignored as before */
+    /* default action: returning re-runs a faulting load, which now kills; a sent
+     * signal would be lost by returning, so it is sent again (SA_NODEFER: at once) */
     signal(SIGBUS, SIG_DFL);
+    if (!fault) raise(SIGBUS);
 }
 
 static int bus_enter(void)

@@ -296,6 +296,31 @@ def test_fifo_and_device_graphs_are_refused_by_type(tmp_path):
     assert_one_line(run_cli("rank", str(info)), "registration: is a fifo")
 
 
+def test_graph_too_large_to_hold_is_one_line(tmp_path):
+    """A sparse 8 GiB graph in a process allowed 2 GiB of address space: the
+    file cannot be read into memory, said in one line naming it."""
+    import resource
+
+    graph = tmp_path / "graph.json"
+    with open(graph, "wb") as f:
+        f.write(b"[")
+        f.truncate(8 << 30)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    r = subprocess.run([sys.executable, "-m", "fastlayer", "rank", str(graph)], preexec_fn=limit,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert_one_line(r, f"cannot read {graph}: out of memory")
+
+
+def test_undecodable_graph_key_is_one_line(tmp_path):
+    # A KEY argument of bytes that are not UTF-8 (Python holds them as surrogates).
+    graph = tmp_path / "graph.json"
+    graph.write_text(json.dumps({"graph": [{"path": A, "references": []}]}))
+    assert_one_line(run_cli("rank", str(graph), "k\udcff"), "no key 'k\\udcff'")
+
+
 @pytest.mark.parametrize(
     "registration,needle",
     [

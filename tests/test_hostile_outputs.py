@@ -546,3 +546,21 @@ def test_full_disk_names_the_output_and_leaves_nothing(tmp_path, tiny_fs):
     r = cli(tmp_path, "build", str(spec), "-o", str(out), "--no-cache")
     one_error(r, str(out), "No space left on device")
     assert os.listdir(tiny_fs) == []
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_rank_to_stdout_on_a_full_disk_is_one_line(tmp_path, tiny_fs, unbuffered):
+    """`fastlayer rank` writes its lines to stdout, here a file on a full disk:
+    one line and exit 1, never exit 0 with the ranking cut short. With
+    PYTHONUNBUFFERED=1 (common in containers) stdout's binary layer is raw, so
+    one write() may take only part of the lines."""
+    S = "/nix/store/"
+    nodes = [{"path": f"{S}{i:032d}-p{i}", "references": []} for i in range(3000)]
+    graph = tmp_path / "g.json"
+    graph.write_text(json.dumps(nodes))  # about 150 KiB of lines: over the 64 KiB disk
+    out = tiny_fs / "ranked.txt"
+    with open(out, "wb") as f:
+        r = subprocess.run([sys.executable, "-m", "fastlayer", "rank", str(graph)], stdout=f,
+                           stderr=subprocess.PIPE, timeout=60,
+                           env={**env_for(tmp_path), "PYTHONUNBUFFERED": unbuffered})  # fmt: skip
+    one_error(r, "No space left on device")

@@ -288,7 +288,10 @@ def load_graph(
         graph = _load_native(f, key, store_dir or default_store_dir(), name)
         if graph is not None:
             return graph
-        raw = f.read()
+        try:
+            raw = f.read()
+        except MemoryError:  # e.g. a sparse file of many GB: no traceback
+            raise FastlayerError(f"cannot read {name}: out of memory") from None
     data = untrusted.parse_json(raw, f"malformed JSON in {name}", max_depth=None)
     return graph_from_json(data, key=key, store_dir=store_dir, source=name)
 
@@ -303,6 +306,8 @@ def _load_native(f: Any, key: str | None, store_dir: str, source: str) -> Closur
 
     prefix = store_dir.rstrip("/") + "/"
     if not (store_dir.isascii() and store_dir.isprintable()):
+        return None
+    if key is not None and not key.isascii():  # the parser keeps ASCII keys only
         return None
     size = os.fstat(f.fileno()).st_size
     cols = graphload.parse_fd(

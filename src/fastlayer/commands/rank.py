@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from fastlayer.commands import add_graph_arguments
 from fastlayer.graph import load_graph
 from fastlayer.plan import ranked_lines
-from fastlayer.sinks.output import write_output
+from fastlayer.sinks.output import write_output, write_stdout
 
 
 def register(subparsers: Any) -> None:
@@ -29,6 +28,5 @@ def run(args: argparse.Namespace) -> int:
     if args.output and args.output != "-":
         write_output(args.output, text)  # the -o rules of every command
     else:
-        sys.stdout.buffer.write(text)
-        sys.stdout.flush()
+        write_stdout(text)
     return 0
