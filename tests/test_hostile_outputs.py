@@ -564,3 +564,30 @@ def test_rank_to_stdout_on_a_full_disk_is_one_line(tmp_path, tiny_fs, unbuffered
                            stderr=subprocess.PIPE, timeout=60,
                            env={**env_for(tmp_path), "PYTHONUNBUFFERED": unbuffered})  # fmt: skip
     one_error(r, "No space left on device")
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_plan_to_stdout_on_a_full_disk_is_one_line(tmp_path, tiny_fs, unbuffered):
+    """Every command that prints to stdout (here `plan`, through print and
+    text writes, not rank's own loop) fails on a full disk with one line,
+    PYTHONUNBUFFERED or not: never exit 0 with its output cut short."""
+    S = "/nix/store/"
+    nodes = [{"path": f"{S}{i:032d}-p{i}", "references": []} for i in range(3000)]
+    graph = tmp_path / "g.json"
+    graph.write_text(json.dumps(nodes))
+    out = tiny_fs / "plan.txt"
+    with open(out, "wb") as f:
+        r = subprocess.run([sys.executable, "-m", "fastlayer", "plan", str(graph),
+                            "--max-layers", "3000"], stdout=f,
+                           stderr=subprocess.PIPE, timeout=60,
+                           env={**env_for(tmp_path), "PYTHONUNBUFFERED": unbuffered})  # fmt: skip
+    one_error(r, "No space left on device")
+
+
+def test_closed_stdout_is_no_traceback(tmp_path):
+    nodes = [{"path": "/nix/store/aaa-x", "references": []}]
+    graph = tmp_path / "g.json"
+    graph.write_text(json.dumps(nodes))
+    r = subprocess.run(["sh", "-c", f'exec "$0" -m fastlayer rank {graph} >&-', sys.executable],
+                       stderr=subprocess.PIPE, timeout=60, env=env_for(tmp_path))  # fmt: skip
+    assert r.returncode == 0 and r.stderr == b"", r.stderr.decode()

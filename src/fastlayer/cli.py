@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
+import os
 import signal
 import sys
 
@@ -90,11 +92,30 @@ def one_line(message: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
+def _whole_writes() -> None:
+    """With PYTHONUNBUFFERED (common in containers) stdout's binary layer is raw:
+    one write() may take only part of the data, and print() drops the rest. A
+    buffered layer in between writes all of it or raises."""
+    out = sys.stdout
+    if out is None:  # started with stdout closed: what it would print goes nowhere
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
+        return
+    raw = getattr(out, "buffer", None)
+    if isinstance(raw, io.RawIOBase):
+        sys.stdout = io.TextIOWrapper(
+            io.BufferedWriter(raw), encoding=out.encoding, errors=out.errors,
+            line_buffering=True,
+        )  # fmt: skip
+
+
 def _run(args: argparse.Namespace) -> int:
     from fastlayer.errors import FastlayerError
 
     try:
-        return int(args.func(args) or 0)
+        _whole_writes()
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a full disk is reported here, not at exit
+        return code
     except FastlayerError as e:
         print(f"fastlayer: error: {one_line(str(e))}", file=sys.stderr)
         return 1
