@@ -74,6 +74,15 @@ class _OciImage(Finishing):
     def __init__(self, kind: str, name: str, tag: str):
         self.kind, self.name, self.tag = kind, name, tag
         self.layers: list[WrittenLayer] = []
+        # the compressed blob kind stored (None: layers stored uncompressed): a layer
+        # fetched from a shared cache in this kind is written as downloaded
+        self.stores_blob = blob_kind(kind) if kind != "none" else None
+
+    def as_stored(self, source: LayerSource) -> bool:
+        """Whether source gives its blob already compressed as this sink stores it."""
+        return self.stores_blob is not None and getattr(source, "blob_kind", None) == (
+            self.stores_blob
+        )
 
     def put_blob(self, data: bytes) -> None:
         raise NotImplementedError
@@ -210,7 +219,12 @@ class OciDirSink(_OciImage):
             )
             self.layers.append(layer)
             return layer
-        (hexd, size), w = self._write_new(None, lambda w: pump_compressed(source, self.kind, w))
+        if self.as_stored(source):
+            hexd, w = self._write_new(None, lambda w: source.pump_blob(w.write))  # type: ignore[attr-defined]
+            size = source.expected.size  # type: ignore[attr-defined]  # checked by pump_blob
+        else:
+            produce = lambda w: pump_compressed(source, self.kind, w)  # noqa: E731
+            (hexd, size), w = self._write_new(None, produce)
         assert w.sha256 is not None
         layer = WrittenLayer(
             f"sha256:{hexd}", size, f"sha256:{w.sha256.hexdigest()}", w.size, LAYER_TYPES[self.kind]
@@ -338,7 +352,11 @@ class OciArchiveSink(_OciImage):
             spool = Spool(source.size, self.writer.spool_dir)
             try:
                 out = HashingSpool(spool)
-                hexd, size = pump_compressed(source, self.kind, out)
+                if self.as_stored(source):
+                    hexd = source.pump_blob(out.write)  # type: ignore[attr-defined]
+                    size = source.expected.size  # type: ignore[attr-defined]
+                else:
+                    hexd, size = pump_compressed(source, self.kind, out)
                 blob = out.sha256.hexdigest()
                 if blob in self.names:
                     spool.close()
