@@ -479,7 +479,12 @@ def _sources(
         not h and c is None and f is None
         for h, c, f in zip(held, recipes.copied, fetched, strict=True)
     ]
-    with Pipeline([m for m, p in zip(makers, produce, strict=True) if p]) as pipeline:
+    from fastlayer.cache.fetch import Prefetch
+
+    with (
+        Prefetch([f for f in fetched if f is not None]),  # type: ignore[misc]
+        Pipeline([m for m, p in zip(makers, produce, strict=True) if p]) as pipeline,
+    ):
         piped = pipeline.sources()
         for i, ((paths, comment), known, h) in enumerate(
             zip(kinds, recipes.known, held, strict=True)
@@ -702,8 +707,8 @@ class Recipes:
                 continue
             kind = fetch_kind(stores, known.blobs) if self.copied[i] is None else None
             if kind is not None:
-                out[i] = FetchedLayer(self.remote.blob_chunks, known, kind,
-                                      self.portable[i] or "", makers[i])  # fmt: skip
+                key, blob = self.portable[i] or "", kind == stores  # blob: written as it is
+                out[i] = FetchedLayer(self.remote.blob_chunks, known, kind, key, makers[i], blob)
                 self.remote_held += 1
             self.known[i] = None  # the hint is the download's business only
             self.from_remote[i] = False

@@ -1,12 +1,12 @@
 """A layer taken from the shared cache by `build`: its blob downloaded and checked.
 
-An entry (cache/remote.py) is a hint. Its blob's bytes are hashed and
-counted as they arrive (the entry's blob digest and size) and, on another
-thread, decompressed, hashed and counted (its diff_id and size). Any
-difference, a short body or a failed request is HintFailed, raised before
-the sink keeps anything: sinks write such a layer to a temporary file or a
-spool (FetchedLayer.size is None for that reason), so the builder then
-builds the layer from the store as if the entry had never been seen.
+An entry (cache/remote.py) is a hint. Its blob is downloaded ahead of the
+sink (a few at once) into a spool; its bytes are hashed and counted as they
+arrive (the entry's blob digest and size) and, on another thread,
+decompressed, hashed and counted (its diff_id and size). Any difference, a
+short body or a failed request is HintFailed, raised before the sink gets a
+byte, so the builder builds the layer from the store instead, as if the
+entry had never been seen.
 
 When to download rather than read the store is measured, not guessed
 (bench/bench_registry_cache.py --part build, bench/RESULTS.md): an output
@@ -20,15 +20,18 @@ overrides the rule (measurements, tests).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from fastlayer.errors import FastlayerError
 from fastlayer.model import Known
+from fastlayer.sinks.spool import Spool
 
 POLICIES = ("auto", "always", "never")
 _END = None
@@ -69,16 +72,17 @@ def fetch_kind(stores: str | None, blobs: dict[str, tuple[str, int]]) -> str | N
 class FetchedLayer:
     """A LayerSource whose bytes come from a shared cache entry's blob, checked.
 
-    pump_blob() passes the blob as downloaded (for an output storing that blob
-    kind); pump() the uncompressed layer. Both return the diff_id's hex once
-    everything matched, else raise HintFailed. fallback makes the layer's
-    source from the store, for when it does."""
+    The download runs ahead on a Prefetch pool into a spool (an unlinked
+    temporary file), checked whole there; pump_blob() then passes the blob as
+    downloaded (as_blob: for an output storing that blob kind), pump() the
+    uncompressed layer (else). Both return the diff_id's hex, or raise
+    HintFailed. fallback makes the layer's source from the store, for then."""
 
     size: int | None = None  # unknown to writers: they spool it, never write it in place
 
     def __init__(
         self, chunks: Callable[[str], Iterator[bytes]], known: Known, kind: str, key: str,
-        fallback: Callable[[], Any],
+        fallback: Callable[[], Any], as_blob: bool = True,
     ):  # fmt: skip
         self.chunks = chunks  # digest -> the blob's bytes as they come
         self.expected = known
@@ -86,12 +90,51 @@ class FetchedLayer:
         self.digest, self.blob_size = known.blobs[kind]
         self.key = key  # the entry's key, for messages
         self.fallback = fallback
+        self.as_blob = as_blob
+        self.future: Future[tuple[Spool, str]] | None = None
+
+    def start(self, pool: ThreadPoolExecutor) -> None:
+        self.future = pool.submit(self._download)
+
+    def _download(self) -> tuple[Spool, str]:
+        spool = Spool(None)
+        try:
+            if self.as_blob:
+                return spool, self._run(spool.write, None)
+            return spool, self._run(None, spool.write)
+        except BaseException:
+            spool.close()
+            raise
 
     def pump_blob(self, write: Callable[[memoryview], object]) -> str:
-        return self._run(write, None)
+        assert self.as_blob
+        return self._copy_out(write)
 
     def pump(self, write: Callable[[memoryview], object]) -> str:
-        return self._run(None, write)
+        assert not self.as_blob
+        return self._copy_out(write)
+
+    def _copy_out(self, write: Callable[[memoryview], object]) -> str:
+        spool, diff_id = self.future.result() if self.future else self._download()
+        self.future = None
+        try:
+            offset = 0
+            while offset < spool.size:
+                chunk = os.pread(spool.fd, min(spool.size - offset, 1 << 20), offset)
+                if not chunk:
+                    raise OSError("spool file ended early")
+                write(memoryview(chunk))
+                offset += len(chunk)
+        finally:
+            spool.close()
+        return diff_id
+
+    def discard(self) -> None:
+        """Not to be used: its download stopped or its spool closed."""
+        future, self.future = self.future, None
+        if future is not None and not future.cancel():
+            with contextlib.suppress(BaseException):
+                future.result()[0].close()
 
     def _run(self, blob_out: Callable | None, layer_out: Callable | None) -> str:
         """Download; blob_out gets the blob's bytes, layer_out the decompressed ones."""
@@ -100,7 +143,7 @@ class FetchedLayer:
         box: list[Any] = []
         worker = threading.Thread(
             target=_unpack, args=(compression, todo, layer_out, self.expected.size, box),
-            name="fastlayer-fetch", daemon=True,
+            name="fastlayer-unpack", daemon=True,
         )  # fmt: skip
         worker.start()
         blob = hashlib.sha256()
@@ -140,6 +183,33 @@ class FetchedLayer:
 
     def _failed(self, why: str) -> HintFailed:
         return HintFailed(f"entry {self.key[:12]}: {why}")
+
+
+class Prefetch:
+    """Downloads of FetchedLayers run AHEAD at once, in image order, while the sink
+    writes earlier layers: one after another, each would wait on its request."""
+
+    AHEAD = 4
+
+    def __init__(self, layers: list[FetchedLayer]):
+        self.layers = layers
+        self.pool = ThreadPoolExecutor(self.AHEAD, "fastlayer-fetch") if layers else None
+        for layer in layers:
+            assert self.pool is not None
+            layer.start(self.pool)
+
+    def close(self) -> None:
+        """Stop what is left (a build that failed): nothing keeps a spool."""
+        for layer in self.layers:
+            layer.discard()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class _Longer(Exception):
