@@ -126,7 +126,7 @@ def main() -> int:
         host, cache = reg.host, f"docker://{reg.host}/ci/cache"
         try:
             if args.part in ("build", "all"):
-                res["builds"] = build_part(the_spec, host, work, args.repeat)
+                res["builds"] = build_part(the_spec, host, work, args.repeat, reg.proc.pid)
             if args.part == "build":
                 return report_build(res["builds"])
             build = [*FASTLAYER, "build", str(the_spec), "-o", "-", "--no-cache"]
@@ -179,15 +179,35 @@ BUILDS = [
 ]
 
 
-def build_part(the_spec: Path, host: str, work: Path, repeat: int) -> list[tuple]:
-    """Per BUILDS row: (label, seconds from the store, seconds from the cache, tar bytes)."""
+def cpu_of(pid: int) -> float:
+    """user + sys seconds of a running process (the registry's own work)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(argv: list[str], env: dict, registry_pid: int) -> tuple[float, float]:
+    """(wall, CPU of the build and of the registry meanwhile) of one run."""
+    before = os.times()
+    reg_before = cpu_of(registry_pid)
+    wall = run(argv, env)
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (
+        after.children_system - before.children_system
+    )
+    return wall, cpu + cpu_of(registry_pid) - reg_before
+
+
+def build_part(the_spec: Path, host: str, work: Path, repeat: int, registry_pid: int) -> list:
+    """Per BUILDS row: (label, (wall, CPU) from the store, (wall, CPU) from the cache,
+    tar bytes), the best of repeat runs each."""
     for kind in ("none", "gzip", "zstd"):
         run([*push(the_spec, f"docker://{host}/team/{kind}:1", f"docker://{host}/ci/cache-{kind}"),
              "--compress", kind], env_of(work / f"a-{kind}"))  # fmt: skip
     size = sum(x["size"] for x in layers(host, "team/none")[:-1])  # uncompressed: tar bytes
     rows = []
     for label, kind, flags in BUILDS:
-        times: dict[str, list[float]] = {"never": [], "always": []}
+        times: dict[str, list[tuple[float, float]]] = {"never": [], "always": []}
         outs = {}
         for i in range(repeat):
             for how in ("never", "always"):  # alternated: load changes hit both alike
@@ -199,13 +219,14 @@ def build_part(the_spec: Path, host: str, work: Path, repeat: int) -> list[tuple
                 else:
                     argv += ["--cache-repo", f"docker://{host}/ci/cache-{kind}", "--insecure"]
                 env = {**env_of(work / "b"), "FASTLAYER_CACHE_FETCH": how}
-                times[how].append(run(argv, env))
+                times[how].append(timed(argv, env, registry_pid))
                 outs[how] = out
             same = _digest_of(outs["never"]) == _digest_of(outs["always"])
             assert same, f"{label}: the build from the cache differs from the store's"
             for out in outs.values():
                 shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink()
-        rows.append((label, min(times["never"]), min(times["always"]), size))
+        best = {how: (min(t[0] for t in ts), min(t[1] for t in ts)) for how, ts in times.items()}
+        rows.append((label, best["never"], best["always"], size))
     return rows
 
 
@@ -220,11 +241,13 @@ def _digest_of(out: Path) -> str:
 
 def report_build(rows: list[tuple]) -> int:
     mib = 1 << 20
-    print("build, best wall per output (MiB/s of layer tar):")
-    for label, store, fetched, size in rows:
-        print(f"  {label}: from the store {store:.2f} s ({size / mib / store:.0f} MiB/s); "
-              f"from the cache {fetched:.2f} s ({size / mib / fetched:.0f} MiB/s); "
-              f"cache/store {fetched / store:.2f}x")  # fmt: skip
+    print("build, best of the runs per output (MiB/s of layer tar; CPU: the build's and "
+          "the registry's user + sys):")  # fmt: skip
+    for label, (store, store_cpu), (fetched, fetched_cpu), size in rows:
+        print(f"  {label}: from the store {store:.2f} s ({size / mib / store:.0f} MiB/s, "
+              f"CPU {store_cpu:.2f} s); from the cache {fetched:.2f} s "
+              f"({size / mib / fetched:.0f} MiB/s, CPU {fetched_cpu:.2f} s); cache/store "
+              f"{fetched / store:.2f}x wall, {fetched_cpu / store_cpu:.2f}x CPU")  # fmt: skip
     return 0
 
 

@@ -23,7 +23,6 @@ from registry_fixture import Registry
 from fastlayer.cache.fetch import FetchedLayer, HintFailed, fetch_kind
 from fastlayer.errors import FastlayerError
 from fastlayer.model import Known
-from fastlayer.registry.push import push_spec
 
 PACKAGES = {
     "libc-2.40": {"lib/libc.so": b"libc" * 50000, "share/deep/a/b/c.txt": b"deep\n" * 999},
@@ -90,7 +89,8 @@ class Machine:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, registry):
-    """A pushed app:1 with --cache-repo (gzip entries) and B's spoiled store copy."""
+    """A's app:1 pushed with --cache-repo as gzip and as zstd (entries holding both
+    blob kinds), and B's store copy with changed files."""
     base = tmp_path_factory.mktemp("rbuild")
     origin = base / "origin"
     paths, _ = make_closure(origin, PACKAGES, REFS)
@@ -98,16 +98,13 @@ def world(tmp_path_factory, registry):
     b = Machine(base, "b", origin, paths)
     b.spoil(paths)
     cache = f"docker://{registry.host}/ci/bcache"
-    os.environ.pop("FASTLAYER_CACHE", None)
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(a.home)
-    try:
-        push_spec(str(a.spec), f"docker://{registry.host}/team/app:1", insecure=True,
-                  cache_repo=cache)  # fmt: skip
-    finally:
-        os.environ.pop("XDG_CACHE_HOME") if old is None else os.environ.update(
-            XDG_CACHE_HOME=old
-        )  # fmt: skip
+    for kind in ("gzip", "zstd"):
+        argv = [sys.executable, "-m", "fastlayer", "push", str(a.spec), "--insecure", "-q",
+                f"docker://{registry.host}/team/app-{kind}:1", "--compress", kind,
+                "--cache-repo", cache]  # fmt: skip
+        subprocess.run(argv, env=a.env(), check=True, capture_output=True)
+    entries = _entries(registry, "ci/bcache")
+    assert len(entries) == 3 and all(len(e["layers"]) == 2 for e in entries.values())
     return a, b, paths, cache
 
 
@@ -147,6 +144,23 @@ def test_b_builds_a_gzip_layout_from_the_shared_cache_reading_no_store(world, re
                          str(tmp_path / "bundle")])  # fmt: skip
     app = next((tmp_path / "bundle/rootfs/nix/store").glob("*-app-1")) / "bin/app"
     assert app.read_bytes() == b"#!app\n" + b"a" * 7777  # A's bytes, not B's
+
+
+@pytest.mark.validators
+def test_b_builds_a_zstd_oci_archive_from_the_shared_cache(world, tmp_path):
+    a, b, _, cache = world
+    cold = tmp_path / "cold.tar"
+    a.build(cold, "--format", "oci-archive", "--compress", "zstd", "--no-cache")
+    warm = tmp_path / "warm.tar"
+    err = b.build(warm, "--format", "oci-archive", "--compress", "zstd", "--cache-repo", cache,
+                  "--insecure")  # fmt: skip
+    assert "warning" not in err
+    assert sha(warm) == sha(cold)  # B's store files differ: none of them was read
+    skopeo = validators.require("skopeo")
+    raw = validators.run_tool([skopeo, "inspect", "--raw", f"oci-archive:{warm}:1"])
+    assert [x["mediaType"] for x in json.loads(raw)["layers"]] == [
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+    ] * 4
 
 
 @pytest.mark.validators
@@ -192,10 +206,10 @@ def test_a_batch_takes_the_shared_cache_too(world, tmp_path):
 
     a, b, _, cache = world
     cold = tmp_path / "cold"
-    a.build(cold, "--format", "oci-dir", "--compress", "zstd", "--no-cache")
-    # zstd: A pushed gzip entries, so B's batch builds its layers from B's store...
-    out = tmp_path / "zstd"
-    build_many([str(b.spec)], str(out), format="oci-dir", compress="zstd", cache=False,
+    a.build(cold, "--format", "oci-dir", "--compress", "none", "--no-cache")
+    # uncompressed layers: B's batch builds them from B's store...
+    out = tmp_path / "none"
+    build_many([str(b.spec)], str(out), format="oci-dir", compress="none", cache=False,
                cache_repo=cache, insecure=True)  # fmt: skip
     assert tree(out / "blobs") != tree(cold / "blobs")  # B's changed store files
     # ...and gzip layers from the registry: A's blobs, config and manifest

@@ -449,8 +449,9 @@ def _sources(
     recipes: Recipes,
 ) -> Iterator[tuple[LayerSource, list[str], str]]:
     """Every layer's source in image order. A layer the cache knows and the sink
-    holds already (sink.skips) is never walked nor read; the others go through
-    one pipeline, carrying what the cache knows of them."""
+    holds already (sink.skips) is never walked nor read, nor is one a file sink
+    takes as a checked download from a shared cache (cache/fetch.py); the others
+    go through one pipeline, carrying what the cache knows of them."""
     if base is not None:
         for i, layer in enumerate(base.layers):
             verify = spec.verify_base and not recipes.verified(i)
@@ -464,11 +465,14 @@ def _sources(
     skips = getattr(sink, "skips", None)
     # a file sink says which blob kind it stores (stores_blob; None: uncompressed);
     # the shared cache gives it layers only as checked downloads (cache/fetch.py)
+    from fastlayer.cache.fetch import Prefetch, may_fetch
+
     to_file = hasattr(sink, "stores_blob")
     stores = getattr(sink, "stores_blob", None)
-    fetching = to_file and recipes.remote is not None and _may_fetch(stores)
-    if (skips is not None and not to_file) or fetching:
+    fetching = to_file and recipes.remote is not None and may_fetch(stores)
+    if skips is not None or fetching:
         recipes.by_content()  # worth a read of the files only where a skip saves more
+    if (skips is not None and not to_file) or fetching:
         recipes.ask_remote()
     fetched = recipes.fetches(stores, makers) if to_file else [None] * len(makers)
     held = _held(skips, recipes.known)
@@ -479,8 +483,6 @@ def _sources(
         not h and c is None and f is None
         for h, c, f in zip(held, recipes.copied, fetched, strict=True)
     ]
-    from fastlayer.cache.fetch import Prefetch
-
     with (
         Prefetch([f for f in fetched if f is not None]),  # type: ignore[misc]
         Pipeline([m for m, p in zip(makers, produce, strict=True) if p]) as pipeline,
@@ -503,12 +505,6 @@ def _sources(
             recipes.read_bytes += source.size or 0
             yield source, paths, comment
     yield StreamSource(custom), [], "customisation layer"
-
-
-def _may_fetch(stores: str | None) -> bool:
-    from fastlayer.cache.fetch import may_fetch
-
-    return may_fetch(stores)
 
 
 def _add_layer(sink: ImageSink, source: LayerSource, comment: str, recipes: Recipes) -> Any:

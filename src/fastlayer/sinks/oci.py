@@ -220,17 +220,27 @@ class OciDirSink(_OciImage):
             self.layers.append(layer)
             return layer
         if self.as_stored(source):
-            hexd, w = self._write_new(None, lambda w: source.pump_blob(w.write))  # type: ignore[attr-defined]
-            size = source.expected.size  # type: ignore[attr-defined]  # checked by pump_blob
+            layer = self._add_downloaded(source)
         else:
             produce = lambda w: pump_compressed(source, self.kind, w)  # noqa: E731
             (hexd, size), w = self._write_new(None, produce)
-        assert w.sha256 is not None
-        layer = WrittenLayer(
-            f"sha256:{hexd}", size, f"sha256:{w.sha256.hexdigest()}", w.size, LAYER_TYPES[self.kind]
-        )
+            assert w.sha256 is not None
+            digest = f"sha256:{w.sha256.hexdigest()}"
+            layer = WrittenLayer(f"sha256:{hexd}", size, digest, w.size, LAYER_TYPES[self.kind])
         self.layers.append(layer)
         return layer
+
+    def _add_downloaded(self, source: LayerSource) -> WrittenLayer:
+        """A blob a shared cache gave (cache/fetch.py): checked whole before a byte of
+        it is copied here, so named by its digest as it is written, not hashed again."""
+        digest, blob_size = source.digest, source.blob_size  # type: ignore[attr-defined]
+        path = os.path.join(self.blobs, digest.removeprefix("sha256:"))
+        existed = os.path.exists(path)
+        hexd, _ = self._write_new(path, lambda w: source.copy_blob_to(w.fd), hashing=False)  # type: ignore[attr-defined]
+        if not existed:
+            self.created.append(path)
+        size = source.expected.size  # type: ignore[attr-defined]
+        return WrittenLayer(f"sha256:{hexd}", size, digest, blob_size, LAYER_TYPES[self.kind])
 
     def put_blob(self, data: bytes) -> None:
         self._write_new(None, lambda w: w.write(data))
