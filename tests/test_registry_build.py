@@ -132,8 +132,24 @@ def test_b_builds_a_gzip_layout_from_the_shared_cache_reading_no_store(world, re
     a.build(cold, "--format", "oci-dir", "--compress", "gzip", "--no-cache")
     warm = tmp_path / "warm"
     mark = registry.mark()
-    err = b.build(warm, "--format", "oci-dir", "--compress", "gzip", "--cache-repo", cache,
-                  "--insecure")  # fmt: skip
+    flags = ["--format", "oci-dir", "--compress", "gzip", "--cache-repo", cache, "--insecure"]
+    strace = shutil.which("strace")
+    if strace:  # the files B opens, counted too
+        log = tmp_path / "opens.log"
+        argv = [strace, "-f", "-qq", "-e", "trace=open,openat,openat2", "-o", str(log),
+                sys.executable, "-m", "fastlayer", "build", str(b.spec), "-o", str(warm), "-q",
+                *flags]  # fmt: skip
+        env = b.env(XDG_CACHE_HOME=str(tmp_path / "xdg"))
+        p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        err = p.stderr
+        store = str(b.root / "nix/store")
+        opened = [x for x in log.read_text().splitlines() if store in x]
+        # no store file is opened; only the directories of the contents' root, whose
+        # symlinks the customisation layer holds, are listed
+        assert [x for x in opened if "O_DIRECTORY" not in x] == []
+    else:
+        err = b.build(warm, *flags)
     assert "warning" not in err
     # B's store files differ from A's: had B read any of them, a blob would differ
     assert tree(warm) == tree(cold)
@@ -280,6 +296,19 @@ def test_damaged_entries_fall_back_to_the_store_with_a_warning(tmp_path, registr
     assert tree(warm) == tree(cold)
     skopeo = validators.require("skopeo")
     validators.run_tool([skopeo, "inspect", f"oci:{warm}:1"])
+
+
+def test_an_unreachable_cache_registry_warns_once_and_the_store_is_read(world, tmp_path):
+    a, _, _, _ = world
+    cold = tmp_path / "cold"
+    a.build(cold, "--format", "oci-dir", "--compress", "zstd", "--no-cache")
+    out = tmp_path / "out"
+    # port 1 on 127.0.0.1: nothing listens, the connection is refused at once
+    err = a.build(out, "--format", "oci-dir", "--compress", "zstd", "--insecure",
+                  "--cache-repo", "docker://127.0.0.1:1/ci/none")  # fmt: skip
+    warnings = [x for x in err.splitlines() if "warning" in x]
+    assert len(warnings) == 1 and "cannot be read" in warnings[0], err
+    assert tree(out) == tree(cold)
 
 
 def test_build_refuses_cache_to_in_one_line(tmp_path):

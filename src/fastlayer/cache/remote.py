@@ -194,9 +194,11 @@ class RegistryCache:
             self.warn(f"{untrusted.short(e, 300)}; ignored, the layer is built")
             return None
         except FastlayerError as e:
-            self._read_off = True
-            self.warn(f"layer cache {src} cannot be read ({untrusted.short(e, 300)}); "
-                      "building without it")  # fmt: skip
+            with self._lock:  # lookups run in parallel: the first to fail says so
+                first, self._read_off = not self._read_off, True
+            if first:
+                self.warn(f"layer cache {src} cannot be read ({untrusted.short(e, 300)}); "
+                          "building without it")  # fmt: skip
             return None
 
     def blob_chunks(self, digest: str) -> Iterator[bytes]:
