@@ -1,7 +1,7 @@
 """The layer cache shared through a registry: machine B pushes what machine A built.
 
-    python bench/bench_registry_cache.py [--dir /tmp/fastlayer-bench-cache] [--size 1G]
-                                         [--repeat 3] [--lookups 1000]
+    python bench/bench_registry_cache.py [--part push|build|all] [--dir /tmp/fastlayer-bench-cache]
+                                         [--size 1G] [--repeat 3] [--lookups 1000]
 
 On the store of bench/synthstore.py (1 GiB by default) and a fresh
 docker-registry on 127.0.0.1, all in this run ("machines" are separate
@@ -25,6 +25,16 @@ portable keys do not look at beyond one lstat per store path):
 fastlayer's modules are byte-compiled first (`compileall`, as an installed
 package is), since this environment may set PYTHONDONTWRITEBYTECODE, which
 would make every run compile them again. The load average is printed.
+
+--part build: what `build` should take from the cache, per layer compression
+none, gzip, zstd: A pushes with `--compress X --cache-repo .../ci/cache-X`;
+then, each --repeat times with a fresh cache home and output, a build of the
+image to an OCI layout with X-compressed layers (docker-archive for `docker`)
+from the store (FASTLAYER_CACHE_FETCH=never, --no-cache: walk, read, tar,
+sha256, compress) against from the cache repository (=always: download,
+sha256 of the blob, decompress, sha256 of the layer, write the blob as it
+came; for an uncompressed output the decompressed bytes). MiB/s are of layer
+tar bytes; same store, registry and run.
 """
 
 from __future__ import annotations
@@ -106,6 +116,7 @@ def main() -> int:
     p.add_argument("--size", default="1G")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--lookups", type=int, default=1000)
+    p.add_argument("--part", choices=("push", "build", "all"), default="all")
     args = p.parse_args()
     if not shutil.which("strace"):
         raise SystemExit("bench_registry_cache needs strace (apt-get install strace)")
@@ -121,6 +132,10 @@ def main() -> int:
         reg = Registry(work / "registry").start()
         host, cache = reg.host, f"docker://{reg.host}/ci/cache"
         try:
+            if args.part in ("build", "all"):
+                res["builds"] = build_part(the_spec, host, work, args.repeat, reg.proc.pid)
+            if args.part == "build":
+                return report_build(res["builds"])
             build = [*FASTLAYER, "build", str(the_spec), "-o", "-", "--no-cache"]
             run([*build, "--compress", "none"], env_of(work / "c"))  # untimed: the page cache
             res["a_plain"] = run(push(the_spec, f"docker://{host}/team/plain:1", None),
@@ -161,6 +176,89 @@ def main() -> int:
         finally:
             reg.stop()
     report(res, args)
+    if "builds" in res:
+        report_build(res["builds"])
+    return 0
+
+
+# (what is built, --compress of A's push whose entries it reads, build flags)
+BUILDS = [
+    ("oci-dir, none", "none", ["--format", "oci-dir", "--compress", "none"]),
+    ("oci-dir, gzip", "gzip", ["--format", "oci-dir", "--compress", "gzip"]),
+    ("oci-dir, zstd", "zstd", ["--format", "oci-dir", "--compress", "zstd"]),
+    ("docker-archive (from gzip entries)", "gzip", ["--compress", "none"]),
+]
+
+
+def cpu_of(pid: int) -> float:
+    """user + sys seconds of a running process (the registry's own work)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(argv: list[str], env: dict, registry_pid: int) -> tuple[float, float]:
+    """(wall, CPU of the build and of the registry meanwhile) of one run."""
+    before = os.times()
+    reg_before = cpu_of(registry_pid)
+    wall = run(argv, env)
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (
+        after.children_system - before.children_system
+    )
+    return wall, cpu + cpu_of(registry_pid) - reg_before
+
+
+def build_part(the_spec: Path, host: str, work: Path, repeat: int, registry_pid: int) -> list:
+    """Per BUILDS row: (label, (wall, CPU) from the store, (wall, CPU) from the cache,
+    tar bytes), the best of repeat runs each."""
+    for kind in ("none", "gzip", "zstd"):
+        run([*push(the_spec, f"docker://{host}/team/{kind}:1", f"docker://{host}/ci/cache-{kind}"),
+             "--compress", kind], env_of(work / f"a-{kind}"))  # fmt: skip
+    size = sum(x["size"] for x in layers(host, "team/none")[:-1])  # uncompressed: tar bytes
+    rows = []
+    for label, kind, flags in BUILDS:
+        times: dict[str, list[tuple[float, float]]] = {"never": [], "always": []}
+        outs = {}
+        for i in range(repeat):
+            for how in ("never", "always"):  # alternated: load changes hit both alike
+                out = work / f"out-{kind}-{how}-{len(rows)}-{i}"
+                shutil.rmtree(out, ignore_errors=True)
+                argv = [*FASTLAYER, "build", str(the_spec), "-o", str(out), "-q", *flags]
+                if how == "never":
+                    argv.append("--no-cache")
+                else:
+                    argv += ["--cache-repo", f"docker://{host}/ci/cache-{kind}", "--insecure"]
+                env = {**env_of(work / "b"), "FASTLAYER_CACHE_FETCH": how}
+                times[how].append(timed(argv, env, registry_pid))
+                outs[how] = out
+            same = _digest_of(outs["never"]) == _digest_of(outs["always"])
+            assert same, f"{label}: the build from the cache differs from the store's"
+            for out in outs.values():
+                shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink()
+        best = {how: (min(t[0] for t in ts), min(t[1] for t in ts)) for how, ts in times.items()}
+        rows.append((label, best["never"], best["always"], size))
+    return rows
+
+
+def _digest_of(out: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(out.rglob("*")) if out.is_dir() else [out]:
+        if f.is_file():
+            h.update(str(f.relative_to(out) if out.is_dir() else "").encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def report_build(rows: list[tuple]) -> int:
+    mib = 1 << 20
+    print("build, best of the runs per output (MiB/s of layer tar; CPU: the build's and "
+          "the registry's user + sys):")  # fmt: skip
+    for label, (store, store_cpu), (fetched, fetched_cpu), size in rows:
+        print(f"  {label}: from the store {store:.2f} s ({size / mib / store:.0f} MiB/s, "
+              f"CPU {store_cpu:.2f} s); from the cache {fetched:.2f} s "
+              f"({size / mib / fetched:.0f} MiB/s, CPU {fetched_cpu:.2f} s); cache/store "
+              f"{fetched / store:.2f}x wall, {fetched_cpu / store_cpu:.2f}x CPU")  # fmt: skip
     return 0
 
 

@@ -136,12 +136,19 @@ def build_many(
     on_done: Callable[[Item], None] | None = None,
     shard: tuple[int, int] | None = None,
     names: Sequence[str] | None = None,
+    **shared: Any,
 ) -> BatchResult:
     """Build every spec's image into output_dir (see the module's docstring);
     with shard (K, N), only the specs of shard K of N (see in_shard). names:
-    each image's name in the output, when not its spec's."""
+    each image's name in the output, when not its spec's. shared: cache_repo,
+    cache_from, insecure, timeout, stall, as for builder.build (one shared
+    cache for the batch)."""
     from fastlayer.sinks import open_sink
 
+    if shared.get("cache_to"):  # refused before any work
+        from fastlayer.builder import shared_cache_for_build
+
+        shared_cache_for_build(None, None, shared["cache_to"])
     items = _prepare(specs, strategy, shard)
     for item, name in zip(items, names or (), strict=False):
         item.ref_name = name
@@ -170,13 +177,13 @@ def build_many(
                 yield sink
 
         result = build_into(spec, sink_for, cache=cache, plan=item.plan, inputs=item.inputs,
-                            reuse=reuse)  # fmt: skip
+                            reuse=reuse, remote=remote)  # fmt: skip
         item.written = (
             _tree_size(output_dir) - before if shared_layout else os.path.getsize(item.output)
         )
         return result
 
-    with _batch_cache(cache) as cache:
+    with _batch_cache(cache) as cache, _shared_cache(shared) as remote:
         _schedule(items, run, 1 if shared_layout else max(1, jobs), on_done)
     return BatchResult(items, shard)
 
@@ -471,6 +478,21 @@ def _batch_cache(cache: Any):
         return
     with tempfile.TemporaryDirectory(prefix="fastlayer-batch-cache-") as tmp:
         yield layer_cache(tmp)
+
+
+@contextlib.contextmanager
+def _shared_cache(shared: dict[str, Any]) -> Iterator[Any]:
+    """The registry-shared layer cache a batch build reads (builder.build's flags)."""
+    from fastlayer.builder import shared_cache_for_build
+
+    kw = dict(shared)
+    remote = shared_cache_for_build(kw.pop("cache_repo", None), kw.pop("cache_from", None),
+                                    kw.pop("cache_to", None), **kw)  # fmt: skip
+    try:
+        yield remote
+    finally:
+        if remote is not None:
+            remote.close()
 
 
 def _tree_size(root: str) -> int:

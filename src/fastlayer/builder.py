@@ -218,7 +218,7 @@ class _Progress:
         return seen + sum(s or 0 for s in self.sizes[k:])
 
     def wrap(self, source: LayerSource, k: int) -> LayerSource:
-        if self.bar is None:
+        if self.bar is None or hasattr(source, "pump_blob"):  # a download: counted apart
             return source
         bar, layers, progress = self.bar, self.layers, self
 
@@ -268,20 +268,56 @@ def build(
     compress: str | None = None,
     progress: bool = False,
     cache: CacheChoice = None,
+    cache_repo: str | None = None,
+    cache_from: str | None = None,
+    cache_to: str | None = None,
+    insecure: bool = False,
+    timeout: float | None = None,
+    stall: float | None = None,
 ) -> BuildResult:
     """Build the image of spec into output (None: stdout) in the given format.
 
     cache: the layer cache directory, None for the default one (FASTLAYER_CACHE,
-    else $XDG_CACHE_HOME/fastlayer), False for none, or an open LayerCache."""
+    else $XDG_CACHE_HOME/fastlayer), False for none, or an open LayerCache.
+    cache_repo or cache_from (docker://REG/REPO): a layer cache shared through a
+    registry, read (see shared_cache_for_build); insecure, timeout, stall: for
+    that registry, as for push."""
     from fastlayer.sinks import open_sink
 
     spec = load_spec(spec)
+    remote = shared_cache_for_build(cache_repo, cache_from, cache_to, insecure=insecure,
+                                    timeout=timeout, stall=stall)  # fmt: skip
 
     def sink_for(mtime: int) -> ContextManager[ImageSink]:
         kind = compress or spec.compression
         return open_sink(output, format=format, compress=kind, name=spec.name, mtime=mtime)
 
-    return build_into(spec, sink_for, progress=progress, cache=cache)
+    try:
+        return build_into(spec, sink_for, progress=progress, cache=cache, remote=remote)
+    finally:
+        if remote is not None:
+            remote.close()
+
+
+def shared_cache_for_build(
+    cache_repo: str | None, cache_from: str | None, cache_to: str | None, **kw: Any
+) -> RegistryCache | None:
+    """The shared layer cache a build to a file or layout reads (None: none named).
+    It is only read: an entry names a blob in the registry, and a build that
+    wrote entries would first have to upload every new layer's blob, a push."""
+    if cache_to:
+        raise FastlayerError(
+            f"--cache-to {cache_to}: build only reads the shared layer cache; "
+            "push writes it (its entries name blobs in the registry)"
+        )
+    if not (cache_repo or cache_from):
+        return None
+    from fastlayer.cache.remote import RegistryCache, cache_ref
+
+    source = cache_ref(cache_from, "--cache-from") if cache_from else (
+        cache_ref(cache_repo, "--cache-repo")  # type: ignore[arg-type]
+    )  # fmt: skip
+    return RegistryCache(source, None, **kw)
 
 
 def layer_cache(cache: CacheChoice) -> LayerCache | None:
@@ -375,7 +411,7 @@ def build_into(
                     _sources(spec, base, store_paths, owner, custom, files, sink, recipes),
                     start=1,
                 ):
-                    w = sink.add_layer(bar.wrap(source, k), comment)
+                    w = _add_layer(sink, bar.wrap(source, k), comment, recipes)
                     infos.append(LayerInfo(w.diff_id, w.size, w.digest, paths, comment))
                 config = _image_config(spec, base, infos, created)
                 # a derived tag comes from the config, so only now is it known
@@ -413,8 +449,9 @@ def _sources(
     recipes: Recipes,
 ) -> Iterator[tuple[LayerSource, list[str], str]]:
     """Every layer's source in image order. A layer the cache knows and the sink
-    holds already (sink.skips) is never walked nor read; the others go through
-    one pipeline, carrying what the cache knows of them."""
+    holds already (sink.skips) is never walked nor read, nor is one a file sink
+    takes as a checked download from a shared cache (cache/fetch.py); the others
+    go through one pipeline, carrying what the cache knows of them."""
     if base is not None:
         for i, layer in enumerate(base.layers):
             verify = spec.verify_base and not recipes.verified(i)
@@ -426,14 +463,30 @@ def _sources(
     kinds = [(paths, f"store paths: {paths}") for paths in store_paths]
     kinds += [([], f.comment) for f in files]
     skips = getattr(sink, "skips", None)
-    if skips is not None:
+    # a file sink says which blob kind it stores (stores_blob; None: uncompressed);
+    # the shared cache gives it layers only as checked downloads (cache/fetch.py)
+    from fastlayer.cache.fetch import Prefetch, may_fetch
+
+    to_file = hasattr(sink, "stores_blob")
+    stores = getattr(sink, "stores_blob", None)
+    fetching = to_file and recipes.remote is not None and may_fetch(stores)
+    if skips is not None or fetching:
         recipes.by_content()  # worth a read of the files only where a skip saves more
+    if (skips is not None and not to_file) or fetching:
         recipes.ask_remote()
+    fetched = recipes.fetches(stores, makers) if to_file else [None] * len(makers)
     held = _held(skips, recipes.known)
-    recipes.check_remote(held)
+    if not to_file:
+        recipes.check_remote(held)
     recipes.reused += sum(held)
-    produce = [not h and c is None for h, c in zip(held, recipes.copied, strict=True)]
-    with Pipeline([m for m, p in zip(makers, produce, strict=True) if p]) as pipeline:
+    produce = [
+        not h and c is None and f is None
+        for h, c, f in zip(held, recipes.copied, fetched, strict=True)
+    ]
+    with (
+        Prefetch([f for f in fetched if f is not None]),  # type: ignore[misc]
+        Pipeline([m for m, p in zip(makers, produce, strict=True) if p]) as pipeline,
+    ):
         piped = pipeline.sources()
         for i, ((paths, comment), known, h) in enumerate(
             zip(kinds, recipes.known, held, strict=True)
@@ -444,11 +497,34 @@ def _sources(
             if recipes.copied[i] is not None:
                 yield ReaderSource(recipes.copied[i]), paths, comment
                 continue
+            if fetched[i] is not None:
+                yield fetched[i], paths, comment
+                continue
             source = next(piped)
             source.known = known  # type: ignore[attr-defined]
             recipes.read_bytes += source.size or 0
             yield source, paths, comment
     yield StreamSource(custom), [], "customisation layer"
+
+
+def _add_layer(sink: ImageSink, source: LayerSource, comment: str, recipes: Recipes) -> Any:
+    """sink.add_layer; a layer fetched from the shared cache whose blob did not hold
+    (sinks keep nothing of it then) is built from the store instead, with a warning."""
+    fallback = getattr(source, "fallback", None)
+    if fallback is None:
+        return sink.add_layer(source, comment)
+    from fastlayer.cache.fetch import HintFailed
+
+    try:
+        return sink.add_layer(source, comment)
+    except HintFailed as e:
+        assert recipes.remote is not None
+        recipes.remote.stats.failed += 1
+        recipes.remote_held -= 1
+        recipes.remote.warn(f"layer cache {recipes.remote.source} {e}; the layer is built")
+        stream = fallback()
+        recipes.read_bytes += stream.size or 0
+        return sink.add_layer(StreamSource(stream), comment)
 
 
 def _held(skips: Callable[[Known], bool] | None, known: list[Known | None]) -> list[bool]:
@@ -609,6 +685,30 @@ class Recipes:
                              "missing or not as described; the layer is built")  # fmt: skip
             self.known[i] = None
             self.from_remote[i] = False
+
+    def fetches(
+        self, stores: str | None, makers: list[Callable[[], Any]]
+    ) -> list[LayerSource | None]:
+        """For a file sink (storing blobs of kind `stores`, None: uncompressed): per
+        layer, the checked download of its shared cache entry's blob when that is
+        the faster way to it (cache/fetch.py), else None. A shared hint is acted on
+        only so: never to skip a layer, nor to name one before its bytes."""
+        out: list[LayerSource | None] = [None] * len(self.known)
+        if self.remote is None:
+            return out
+        from fastlayer.cache.fetch import FetchedLayer, fetch_kind
+
+        for i, known in enumerate(self.known):
+            if not self.from_remote[i] or known is None:
+                continue
+            kind = fetch_kind(stores, known.blobs) if self.copied[i] is None else None
+            if kind is not None:
+                key, blob = self.portable[i] or "", kind == stores  # blob: written as it is
+                out[i] = FetchedLayer(self.remote.blob_chunks, known, kind, key, makers[i], blob)
+                self.remote_held += 1
+            self.known[i] = None  # the hint is the download's business only
+            self.from_remote[i] = False
+        return out
 
     def verified(self, i: int) -> bool:
         """Whether base layer i was verified by an earlier build, its file unchanged."""

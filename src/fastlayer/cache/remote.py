@@ -37,6 +37,7 @@ import json
 import re
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -224,10 +225,23 @@ class RegistryCache:
             self.warn(f"{untrusted.short(e, 300)}; ignored, the layer is built")
             return None
         except FastlayerError as e:
-            self._read_off = True
-            self.warn(f"layer cache {src} cannot be read ({untrusted.short(e, 300)}); "
-                      "building without it")  # fmt: skip
+            with self._lock:  # lookups run in parallel: the first to fail says so
+                first, self._read_off = not self._read_off, True
+            if first:
+                self.warn(f"layer cache {src} cannot be read ({untrusted.short(e, 300)}); "
+                          "building without it")  # fmt: skip
             return None
+
+    def blob_chunks(self, digest: str) -> Iterator[bytes]:
+        """A blob of the source repository as it comes, unchecked (cache/fetch.py checks
+        it); FastlayerError when it cannot be read."""
+        assert self.source is not None
+        reg, repo = self._reg(self.source), self.source.repository
+        r = reg.get_blob(repo, digest)
+        try:
+            yield from reg.chunks(r, f"GET blob {digest[:19]} of {repo}")
+        finally:
+            r.close()
 
     # -- writing ----------------------------------------------------------------------
 

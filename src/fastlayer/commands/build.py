@@ -7,7 +7,8 @@ import json
 import os
 import sys
 
-from fastlayer.commands.cache import add_cache_flags, cache_choice
+from fastlayer.commands.cache import add_cache_flags, add_shared_cache_flags, cache_choice
+from fastlayer.commands.pull import add_deadlines
 from fastlayer.errors import FastlayerError
 from fastlayer.sinks import FORMATS
 
@@ -56,6 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "each image alone",
     )
     b.add_argument("--format", choices=FORMATS, default="docker-archive")
+    add_shared_cache_flags(b, reads_only=True)
+    b.add_argument(
+        "--insecure", action="store_true", help="the --cache-repo registry over plain HTTP"
+    )
+    add_deadlines(b, "reading of the shared cache")
     b.add_argument(
         "--compress",
         choices=("none", "gzip", "zstd"),
@@ -124,9 +130,17 @@ def run_build(args: argparse.Namespace) -> int:
         compress=compress,
         progress=not args.quiet and sys.stderr.isatty(),
         cache=cache_choice(args),
+        **shared_build_cache(args),
     )
     _report(args, result)
     return 0
+
+
+def shared_build_cache(args: argparse.Namespace) -> dict:
+    """build's keyword arguments for the shared cache and its registry."""
+    return {"cache_repo": args.cache_repo, "cache_from": args.cache_from,
+            "cache_to": args.cache_to, "insecure": args.insecure, "timeout": args.timeout,
+            "stall": args.stall_timeout or None}  # fmt: skip
 
 
 def run_batch(args: argparse.Namespace) -> int:
@@ -145,7 +159,7 @@ def run_batch(args: argparse.Namespace) -> int:
     result = build_many(
         args.spec, args.output, format=args.format, compress=args.compress,
         cache=cache_choice(args), jobs=args.jobs, strategy=args.strategy, shard=shard,
-        on_done=lambda item: _report_item(item, args.quiet),
+        on_done=lambda item: _report_item(item, args.quiet), **shared_build_cache(args),
     )  # fmt: skip
     print(f"fastlayer: {result.summary()}", file=sys.stderr)
     return 1 if result.failed else 0
@@ -165,7 +179,12 @@ def run_index(args: argparse.Namespace) -> int:
         _report_item(item, args.quiet)
 
     result, digest = build_index(
-        args.spec, args.output, compress=args.compress, cache=cache_choice(args), on_done=done
+        args.spec,
+        args.output,
+        compress=args.compress,
+        cache=cache_choice(args),
+        on_done=done,
+        **shared_build_cache(args),
     )
     if digest is None:
         print(f"fastlayer: {result.summary()}; no index written", file=sys.stderr)

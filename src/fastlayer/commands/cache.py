@@ -22,14 +22,21 @@ def add_cache_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cache", action="store_true", help="neither use nor fill the layer cache")
 
 
-def add_shared_cache_flags(p: argparse.ArgumentParser) -> None:
-    """--cache-repo, --cache-from, --cache-to: a layer cache shared through a registry."""
+def add_shared_cache_flags(p: argparse.ArgumentParser, reads_only: bool = False) -> None:
+    """--cache-repo, --cache-from, --cache-to: a layer cache shared through a registry.
+    reads_only: a command that only reads it (build), which refuses --cache-to."""
     p.add_argument(
         "--cache-repo", metavar="docker://REG/REPO",
-        help="a layer cache shared through this registry repository (read and written)",
+        help="a layer cache shared through this registry repository "
+        + ("(read: compressed OCI layers are downloaded from it)" if reads_only
+           else "(read and written)"),
     )  # fmt: skip
     p.add_argument("--cache-from", metavar="docker://REG/REPO", help="read the shared cache here")
-    p.add_argument("--cache-to", metavar="docker://REG/REPO", help="write the shared cache here")
+    p.add_argument(
+        "--cache-to", metavar="docker://REG/REPO",
+        help="push only: build reads the shared cache, it does not write it" if reads_only
+        else "write the shared cache here",
+    )  # fmt: skip
 
 
 def shared_cache(args: argparse.Namespace) -> dict[str, str | None]:

@@ -40,6 +40,8 @@ def top_legacy_id(chain_hex: str, config_digest: str) -> str:
 
 
 class DockerArchiveSink(Finishing):
+    stores_blob = None  # layers are stored uncompressed (see cache/fetch.py)
+
     def __init__(self, writer: DockerArchiveWriter, name: str = "", tag: str = "", mtime: int = 0):
         self.writer = writer
         self.name, self.tag, self.mtime = name, tag, mtime

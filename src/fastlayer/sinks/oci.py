@@ -74,6 +74,15 @@ class _OciImage(Finishing):
     def __init__(self, kind: str, name: str, tag: str):
         self.kind, self.name, self.tag = kind, name, tag
         self.layers: list[WrittenLayer] = []
+        # the compressed blob kind stored (None: layers stored uncompressed): a layer
+        # fetched from a shared cache in this kind is written as downloaded
+        self.stores_blob = blob_kind(kind) if kind != "none" else None
+
+    def as_stored(self, source: LayerSource) -> bool:
+        """Whether source gives its blob already compressed as this sink stores it."""
+        return self.stores_blob is not None and getattr(source, "blob_kind", None) == (
+            self.stores_blob
+        )
 
     def put_blob(self, data: bytes) -> None:
         raise NotImplementedError
@@ -210,13 +219,28 @@ class OciDirSink(_OciImage):
             )
             self.layers.append(layer)
             return layer
-        (hexd, size), w = self._write_new(None, lambda w: pump_compressed(source, self.kind, w))
-        assert w.sha256 is not None
-        layer = WrittenLayer(
-            f"sha256:{hexd}", size, f"sha256:{w.sha256.hexdigest()}", w.size, LAYER_TYPES[self.kind]
-        )
+        if self.as_stored(source):
+            layer = self._add_downloaded(source)
+        else:
+            produce = lambda w: pump_compressed(source, self.kind, w)  # noqa: E731
+            (hexd, size), w = self._write_new(None, produce)
+            assert w.sha256 is not None
+            digest = f"sha256:{w.sha256.hexdigest()}"
+            layer = WrittenLayer(f"sha256:{hexd}", size, digest, w.size, LAYER_TYPES[self.kind])
         self.layers.append(layer)
         return layer
+
+    def _add_downloaded(self, source: LayerSource) -> WrittenLayer:
+        """A blob a shared cache gave (cache/fetch.py): checked whole before a byte of
+        it is copied here, so named by its digest as it is written, not hashed again."""
+        digest, blob_size = source.digest, source.blob_size  # type: ignore[attr-defined]
+        path = os.path.join(self.blobs, digest.removeprefix("sha256:"))
+        existed = os.path.exists(path)
+        hexd, _ = self._write_new(path, lambda w: source.copy_blob_to(w.fd), hashing=False)  # type: ignore[attr-defined]
+        if not existed:
+            self.created.append(path)
+        size = source.expected.size  # type: ignore[attr-defined]
+        return WrittenLayer(f"sha256:{hexd}", size, digest, blob_size, LAYER_TYPES[self.kind])
 
     def put_blob(self, data: bytes) -> None:
         self._write_new(None, lambda w: w.write(data))
@@ -338,7 +362,11 @@ class OciArchiveSink(_OciImage):
             spool = Spool(source.size, self.writer.spool_dir)
             try:
                 out = HashingSpool(spool)
-                hexd, size = pump_compressed(source, self.kind, out)
+                if self.as_stored(source):
+                    hexd = source.pump_blob(out.write)  # type: ignore[attr-defined]
+                    size = source.expected.size  # type: ignore[attr-defined]
+                else:
+                    hexd, size = pump_compressed(source, self.kind, out)
                 blob = out.sha256.hexdigest()
                 if blob in self.names:
                     spool.close()
