@@ -154,6 +154,7 @@ def test_inspect_picks_each_platform_of_a_layout_index(tmp_path):
         assert r.returncode == 0, r.stderr
         image = json.loads(r.stdout)["images"][0]
         assert image["config"]["architecture"] == arch
+        assert image["repo_tags"] == ["team/multi:2"]  # the index's name, not "(untagged)"
         layers[arch] = image["layers"][0]["diff_id"]
     assert layers["amd64"] != layers["arm64"]  # each its own /arch file
     r = fastlayer("inspect", str(layout), "--arch", "s390x")

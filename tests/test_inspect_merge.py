@@ -187,3 +187,10 @@ def test_merge_refuses_two_different_entries_of_one_name(store, tmp_path, capsys
             tar.addfile(ti, io.BytesIO(data))
     assert main(["merge", str(tmp_path / "a.tar"), str(bad), "-o", str(tmp_path / "x.tar")]) == 1
     assert "differs from the one in" in capsys.readouterr().err
+
+
+def test_inspect_of_a_registry_reference_points_to_pull(capsys):
+    assert main(["inspect", "docker://127.0.0.1:9/team/app:1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is in a registry" in err
+    assert "fastlayer pull docker://127.0.0.1:9/team/app:1 -o FILE" in err

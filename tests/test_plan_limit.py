@@ -111,4 +111,12 @@ def test_plan_command(tmp_path, capsys):
     assert main(["plan", str(g), "--previous", str(out)]) == 1
     assert "--previous only applies to --strategy stable" in capsys.readouterr().err
     assert main(["plan", str(g), "--strategy", "pipeline"]) == 1
-    assert "--pipeline goes with --strategy pipeline" in capsys.readouterr().err
+    assert "--strategy pipeline needs --pipeline JSON" in capsys.readouterr().err
+    steps = tmp_path / "steps.json"
+    steps.write_text("[]")
+    assert main(["plan", str(g), "--pipeline", str(steps)]) == 1
+    assert "--pipeline applies only to --strategy pipeline" in capsys.readouterr().err
+    # a second graph taken for KEY: say so, and what was meant
+    assert main(["plan", str(g), str(g)]) == 1
+    err = capsys.readouterr().err
+    assert "KEY" in err and "not an object" in err and "--strategy shared" in err

@@ -347,7 +347,12 @@ def graph_from_json(
 ) -> ClosureGraph:
     """Build a graph from already-decoded JSON in any of the supported shapes."""
     if key is not None:
-        if not isinstance(data, dict) or key not in data:
+        if not isinstance(data, dict):
+            # a second file name taken for KEY is the usual way here
+            hint = "; several graphs? --strategy shared" if key.endswith(".json") else ""
+            raise FastlayerError(f"{source}: KEY {key!r} given, but the JSON is a "
+                                 f"{_kind(data)}, not an object{hint}")  # fmt: skip
+        if key not in data:
             raise FastlayerError(f"{source}: no key {key!r} in the JSON object")
         data = data[key]
     elif isinstance(data, dict) and not _looks_like_path_info_dict(data):

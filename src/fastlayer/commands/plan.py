@@ -123,8 +123,10 @@ def _output_dir(directory: str | None, create: bool) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.strategy != "stable" and args.previous:
         raise FastlayerError("--previous only applies to --strategy stable")
-    if (args.strategy == "pipeline") != (args.pipeline is not None):
-        raise FastlayerError("--pipeline goes with --strategy pipeline, and only with it")
+    if args.strategy == "pipeline" and args.pipeline is None:
+        raise FastlayerError("--strategy pipeline needs --pipeline JSON (the steps)")
+    if args.strategy != "pipeline" and args.pipeline is not None:
+        raise FastlayerError("--pipeline applies only to --strategy pipeline")
     files, key = _graph_args(args)
     max_layers = args.max_layers
     if max_layers is None and args.strategy != "pipeline":

@@ -223,6 +223,9 @@ def open_image(
 ) -> Image:
     """Any supported base image at path; tag picks one image of several."""
     if not os.path.lexists(path):
+        if path.startswith("docker://"):
+            raise FastlayerError(f"{path} is in a registry: fetch it to a file first "
+                                 f"(fastlayer pull {path} -o FILE)")  # fmt: skip
         raise FastlayerError(f"base image does not exist: {path}")
     files = _Files(path)
     if files.exists("oci-layout"):
@@ -339,6 +342,7 @@ def _oci(files: _Files, tag: str | None, os_name: str, arch: str | None) -> Imag
         tag.rsplit(":", 1)[-1] if tag and ":" in tag and tag not in _all(manifests, names) else tag
     )
     desc = _pick(files.path, manifests, want, names)
+    picked = desc  # its names are the image's, whichever platform is taken below
     manifest = _blob_json(files, desc)
     for _ in range(MAX_INDEX_DEPTH):
         if not _is_index(manifest):
@@ -357,7 +361,7 @@ def _oci(files: _Files, tag: str | None, os_name: str, arch: str | None) -> Imag
         files.layer(u.blob_path(x["digest"], ""), d, comment=x["digest"])
         for x, d in zip(descs, diff_ids, strict=True)
     ]
-    return _announced(Image(config, layers, names(desc)[:1]))
+    return _announced(Image(config, layers, names(picked)[:1]))
 
 
 def _announced(image: Image) -> Image:
