@@ -294,11 +294,16 @@ class RegistryCache:
                 return False
             try:
                 # the blobs are this push's (sizes measured here, or checked by a HEAD),
-                # so a mount, which links the blob of that digest, is all the check needed
-                # (it succeeds too when the cache repository has the blob already)
+                # so a mount, which links the blob of that digest, is all the check needed.
+                # A blob of another compression kept from the entry read here is in the
+                # cache repository already, and not in `at` (a mount from there fails):
+                # the registry checks it is there when the entry is put
+                hit = self.hits.get(key) if self.writes_where_read() else None
+                kept = hit.entry.blobs if hit is not None else {}
                 held = {
                     kind: blob for kind, blob in entry.blobs.items()
-                    if reg.start_upload(dst.repository, mount=blob[0], source=at.repository) == ""
+                    if kept.get(kind) == blob
+                    or reg.start_upload(dst.repository, mount=blob[0], source=at.repository) == ""
                 }  # fmt: skip
                 if not held:
                     digest = next(iter(entry.blobs.values()))[0]
