@@ -10,8 +10,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -399,3 +402,64 @@ def test_the_rule_fetches_only_the_compressed_kind_the_output_stores(monkeypatch
     assert fetch_kind(None, blobs) == "zstd/b"
     monkeypatch.setenv("FASTLAYER_CACHE_FETCH", "never")
     assert fetch_kind("gzip/a", blobs) is None
+
+
+# -- a hostile cache registry ---------------------------------------------------------
+
+
+def _proxy_entries(hostile, registry: Registry, repo: str, blob) -> None:
+    """hostile answers the entries of repo as the real registry has them, and their
+    blobs with blob(handler, digest)."""
+
+    def entry(h, m) -> None:
+        try:
+            ask = urllib.request.Request(f"http://{registry.host}{h.path}", headers={"Accept": OCI})
+            with urllib.request.urlopen(ask) as r:
+                h.send(200, r.read(), {"Content-Type": OCI})
+        except urllib.error.HTTPError as e:
+            h.send(e.code)
+
+    hostile.on("GET", rf"/v2/{repo}/manifests/[^/]+", entry)
+    hostile.on("GET", rf"/v2/{repo}/blobs/(sha256:[0-9a-f]{{64}})", lambda h, m: blob(h, m[1]))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_stalled_download_ends_the_build_at_once(
+    world, registry, hostile, tmp_path, signum
+):
+    _, b, _, _ = world
+
+    def slow(h, digest: str) -> None:  # a byte a second: never a stall, never done
+        with urllib.request.urlopen(f"http://{registry.host}/v2/ci/bcache/blobs/{digest}") as r:
+            data = r.read()
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.trickle(data, 1.0)
+
+    server = hostile()
+    _proxy_entries(server, registry, "ci/bcache", slow)
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    out = tmp_path / "out"
+    env = b.env(XDG_CACHE_HOME=str(tmp_path / "xdg"), TMPDIR=str(spool))
+    argv = [sys.executable, "-m", "fastlayer", "build", str(b.spec), "-o", str(out), "-q",
+            "--format", "oci-dir", "--compress", "gzip", "--insecure",
+            "--cache-repo", f"docker://{server.host}/ci/bcache"]  # fmt: skip
+    p = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any("/blobs/" in s.path for s in server.seen):
+            assert p.poll() is None and time.monotonic() < deadline, server.seen
+            time.sleep(0.1)
+        time.sleep(1.0)  # bytes are coming in
+        p.send_signal(signum)
+        _, err = p.communicate(timeout=15)  # not when the blobs end, hours from now
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert list(spool.iterdir()) == []
