@@ -463,3 +463,26 @@ def test_a_signal_during_a_stalled_download_ends_the_build_at_once(
     assert "Traceback" not in err
     assert not out.exists()
     assert list(spool.iterdir()) == []
+
+
+def test_the_build_api_reads_a_shared_cache_with_a_stall_limit(world, hostile, tmp_path):
+    """build(..., cache_repo=...) from Python, with no timeout given, still gives up on
+    a registry that never answers (the stall limit, lowered here to 1 s in the child)."""
+    a, _, _, _ = world
+    cold = tmp_path / "cold"
+    a.build(cold, "--format", "oci-dir", "--compress", "gzip", "--no-cache")
+    server = hostile()
+    server.on("GET", r"/v2/.*", lambda h, m: server.stopping.wait(60))  # accepts, says nothing
+    out = tmp_path / "out"
+    code = (
+        "import sys, fastlayer.registry.client as c; c.STALL = 1.0\n"
+        "from fastlayer.builder import build\n"
+        f"build({str(a.spec)!r}, {str(out)!r}, format='oci-dir', compress='gzip',"
+        f" cache=False, cache_repo='docker://{server.host}/ci/x', insecure=True)\n"
+    )  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code], env=a.env(), capture_output=True,
+                       text=True, timeout=30)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    warnings = [x for x in p.stderr.splitlines() if "warning" in x]
+    assert len(warnings) == 1 and "stalled" in warnings[0], p.stderr
+    assert tree(out) == tree(cold)

@@ -281,7 +281,7 @@ def build(
     else $XDG_CACHE_HOME/fastlayer), False for none, or an open LayerCache.
     cache_repo or cache_from (docker://REG/REPO): a layer cache shared through a
     registry, read (see shared_cache_for_build); insecure, timeout, stall: for
-    that registry, as for push."""
+    that registry, as for push (None: push's defaults; 0: no limit)."""
     from fastlayer.sinks import open_sink
 
     spec = load_spec(spec)
@@ -313,10 +313,15 @@ def shared_cache_for_build(
     if not (cache_repo or cache_from):
         return None
     from fastlayer.cache.remote import RegistryCache, cache_ref
+    from fastlayer.registry import client
 
     source = cache_ref(cache_from, "--cache-from") if cache_from else (
         cache_ref(cache_repo, "--cache-repo")  # type: ignore[arg-type]
     )  # fmt: skip
+    # None (not given): the defaults push has; 0 is no limit, as on the command line
+    for name, default in (("timeout", client.DEADLINE), ("stall", client.STALL)):
+        if kw.get(name) is None:
+            kw[name] = default
     return RegistryCache(source, None, **kw)
 
 
