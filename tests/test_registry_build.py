@@ -486,3 +486,30 @@ def test_the_build_api_reads_a_shared_cache_with_a_stall_limit(world, hostile, t
     warnings = [x for x in p.stderr.splitlines() if "warning" in x]
     assert len(warnings) == 1 and "stalled" in warnings[0], p.stderr
     assert tree(out) == tree(cold)
+
+
+@pytest.mark.parametrize("answer", ["403", "hang up"])
+def test_blobs_the_cache_registry_will_not_give_warn_once_not_per_layer(
+    world, registry, hostile, tmp_path, answer
+):
+    """The entries are read, then every blob GET fails the same way (refused, or the
+    registry went away): one warning for the registry, the layers built from the store."""
+    a, _, _, _ = world
+    cold = tmp_path / "cold"
+    a.build(cold, "--format", "oci-dir", "--compress", "gzip", "--no-cache")
+
+    def refuse(h, digest: str) -> None:
+        if answer == "403":
+            h.send(403, b'{"errors": [{"code": "DENIED", "message": "no"}]}')
+        else:
+            h.close_connection = True  # no answer at all
+
+    server = hostile()
+    _proxy_entries(server, registry, "ci/bcache", refuse)
+    out = tmp_path / "out"
+    err = a.build(out, "--format", "oci-dir", "--compress", "gzip", "--insecure",
+                  "--cache-repo", f"docker://{server.host}/ci/bcache")  # fmt: skip
+    warnings = [x for x in err.splitlines() if "warning" in x]
+    assert len(warnings) == 1, err
+    assert "blob" in warnings[0] and "built" in warnings[0], err
+    assert tree(out) == tree(cold)

@@ -526,7 +526,8 @@ def _add_layer(sink: ImageSink, source: LayerSource, comment: str, recipes: Reci
         assert recipes.remote is not None
         recipes.remote.stats.failed += 1
         recipes.remote_held -= 1
-        recipes.remote.warn(f"layer cache {recipes.remote.source} {e}; the layer is built")
+        if not e.quiet:
+            recipes.remote.warn(f"layer cache {recipes.remote.source} {e}; the layer is built")
         stream = fallback()
         recipes.read_bytes += stream.size or 0
         return sink.add_layer(StreamSource(stream), comment)

@@ -41,6 +41,8 @@ QUEUED = 8  # chunks between the download and the decompressing thread: bounds m
 class HintFailed(FastlayerError):
     """The blob a shared cache entry named could not be had, or was not what it said."""
 
+    quiet = False  # the cache warned of the cause already, for every layer
+
 
 def policy() -> str:
     value = os.environ.get("FASTLAYER_CACHE_FETCH", "auto") or "auto"
@@ -190,7 +192,9 @@ class FetchedLayer:
             except HintFailed:
                 raise
             except FastlayerError as e:
-                raise self._failed(f"its blob could not be read ({e})") from None
+                failed = self._failed(f"its blob could not be read ({e})")
+                failed.quiet = getattr(e, "quiet", False)
+                raise failed from None
         finally:
             if not plain:
                 _put_end(todo, worker)
