@@ -72,6 +72,8 @@ class _Version(argparse.Action):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the process's own command line: its stdout is ours to wrap
+        _whole_writes()
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     with interrupts.handled():
@@ -112,7 +114,6 @@ def _run(args: argparse.Namespace) -> int:
     from fastlayer.errors import FastlayerError
 
     try:
-        _whole_writes()
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a full disk is reported here, not at exit
         return code

@@ -65,7 +65,12 @@ cdef list _strings(const char *arena, const int64_t *off, const uint32_t *length
     return out
 
 
-cdef void _inputs(fg_graph *g, bytes store_dir, bytes check_prefix):
+cdef void _inputs(fg_graph *g, bytes store_dir, bytes check_prefix, object key,
+                  const char **key_p, size_t *key_n):
+    """g ready for a parse; key (bytes or None) as the C pointer and length."""
+    if key is not None:
+        key_p[0] = <bytes>key
+        key_n[0] = len(<bytes>key)
     fg_init(g)
     g.store_dir = store_dir
     g.store_dir_len = len(store_dir)
@@ -89,10 +94,7 @@ def parse(const unsigned char[::1] buf, key, bytes store_dir, bytes check_prefix
     cdef size_t m = buf.shape[0]
     if m == 0:
         return None
-    if key is not None:
-        key_p = <bytes>key
-        key_n = len(<bytes>key)
-    _inputs(&g, store_dir, check_prefix)
+    _inputs(&g, store_dir, check_prefix, key, &key_p, &key_n)
     try:
         with nogil:
             rc = fg_parse(&g, &buf[0], m, key_p, key_n, drop_pages)
@@ -111,10 +113,7 @@ def parse_fd(int fd, size_t size, key, bytes store_dir, bytes check_prefix):
     cdef int rc
     if size == 0:
         return None
-    if key is not None:
-        key_p = <bytes>key
-        key_n = len(<bytes>key)
-    _inputs(&g, store_dir, check_prefix)
+    _inputs(&g, store_dir, check_prefix, key, &key_p, &key_n)
     try:
         with nogil:
             rc = fg_parse_fd(&g, fd, size, key_p, key_n)

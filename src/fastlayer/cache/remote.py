@@ -305,23 +305,23 @@ class RegistryCache:
             self.warn(f"layer cache {dst} cannot be written ({untrusted.short(e, 300)})")
             return 0
 
+        def holds(blob: tuple[str, int]) -> bool:
+            digest, size = blob
+            if self.blob_sources.get(digest) == dst.repository:
+                # a kind the entry read from this repository had (another compression
+                # of the layer, kept beside this push's): there still, at its size?
+                return reg.blob_size(dst.repository, digest) == size
+            return reg.start_upload(dst.repository, mount=digest, source=at.repository) == ""
+
         def one(item: tuple[str, Entry]) -> bool:
             key, entry = item
             if self._write_off:
                 return False
             try:
                 # the blobs are this push's (sizes measured here, or checked by a HEAD),
-                # so a mount, which links the blob of that digest, is all the check needed.
-                # A blob of another compression kept from the entry read here is in the
-                # cache repository already, and not in `at` (a mount from there fails):
-                # the registry checks it is there when the entry is put
-                hit = self.hits.get(key) if self.writes_where_read() else None
-                kept = hit.entry.blobs if hit is not None else {}
-                held = {
-                    kind: blob for kind, blob in entry.blobs.items()
-                    if kept.get(kind) == blob
-                    or reg.start_upload(dst.repository, mount=blob[0], source=at.repository) == ""
-                }  # fmt: skip
+                # so a mount, which links the blob of that digest, is all the check needed
+                # (it succeeds too when the cache repository has the blob already)
+                held = {kind: blob for kind, blob in entry.blobs.items() if holds(blob)}
                 if not held:
                     digest = next(iter(entry.blobs.values()))[0]
                     self.warn(f"layer cache {dst}: blob {digest[:19]} did not mount from "
