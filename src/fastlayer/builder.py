@@ -477,7 +477,7 @@ def _sources(
     fetching = to_file and recipes.remote is not None and may_fetch(stores)
     if skips is not None or fetching:
         recipes.by_content()  # worth a read of the files only where a skip saves more
-    if (skips is not None and not to_file) or fetching:
+    if (skips is not None and not to_file and getattr(sink, "takes_shared", True)) or fetching:
         recipes.ask_remote()
     fetched = recipes.fetches(stores, makers) if to_file else [None] * len(makers)
     held = _held(skips, recipes.known)
