@@ -10,8 +10,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -399,3 +402,114 @@ def test_the_rule_fetches_only_the_compressed_kind_the_output_stores(monkeypatch
     assert fetch_kind(None, blobs) == "zstd/b"
     monkeypatch.setenv("FASTLAYER_CACHE_FETCH", "never")
     assert fetch_kind("gzip/a", blobs) is None
+
+
+# -- a hostile cache registry ---------------------------------------------------------
+
+
+def _proxy_entries(hostile, registry: Registry, repo: str, blob) -> None:
+    """hostile answers the entries of repo as the real registry has them, and their
+    blobs with blob(handler, digest)."""
+
+    def entry(h, m) -> None:
+        try:
+            ask = urllib.request.Request(f"http://{registry.host}{h.path}", headers={"Accept": OCI})
+            with urllib.request.urlopen(ask) as r:
+                h.send(200, r.read(), {"Content-Type": OCI})
+        except urllib.error.HTTPError as e:
+            h.send(e.code)
+
+    hostile.on("GET", rf"/v2/{repo}/manifests/[^/]+", entry)
+    hostile.on("GET", rf"/v2/{repo}/blobs/(sha256:[0-9a-f]{{64}})", lambda h, m: blob(h, m[1]))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_stalled_download_ends_the_build_at_once(
+    world, registry, hostile, tmp_path, signum
+):
+    _, b, _, _ = world
+
+    def slow(h, digest: str) -> None:  # a byte a second: never a stall, never done
+        with urllib.request.urlopen(f"http://{registry.host}/v2/ci/bcache/blobs/{digest}") as r:
+            data = r.read()
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.trickle(data, 1.0)
+
+    server = hostile()
+    _proxy_entries(server, registry, "ci/bcache", slow)
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    out = tmp_path / "out"
+    env = b.env(XDG_CACHE_HOME=str(tmp_path / "xdg"), TMPDIR=str(spool))
+    argv = [sys.executable, "-m", "fastlayer", "build", str(b.spec), "-o", str(out), "-q",
+            "--format", "oci-dir", "--compress", "gzip", "--insecure",
+            "--cache-repo", f"docker://{server.host}/ci/bcache"]  # fmt: skip
+    p = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any("/blobs/" in s.path for s in server.seen):
+            assert p.poll() is None and time.monotonic() < deadline, server.seen
+            time.sleep(0.1)
+        time.sleep(1.0)  # bytes are coming in
+        p.send_signal(signum)
+        _, err = p.communicate(timeout=15)  # not when the blobs end, hours from now
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert list(spool.iterdir()) == []
+
+
+def test_the_build_api_reads_a_shared_cache_with_a_stall_limit(world, hostile, tmp_path):
+    """build(..., cache_repo=...) from Python, with no timeout given, still gives up on
+    a registry that never answers (the stall limit, lowered here to 1 s in the child)."""
+    a, _, _, _ = world
+    cold = tmp_path / "cold"
+    a.build(cold, "--format", "oci-dir", "--compress", "gzip", "--no-cache")
+    server = hostile()
+    server.on("GET", r"/v2/.*", lambda h, m: server.stopping.wait(60))  # accepts, says nothing
+    out = tmp_path / "out"
+    code = (
+        "import sys, fastlayer.registry.client as c; c.STALL = 1.0\n"
+        "from fastlayer.builder import build\n"
+        f"build({str(a.spec)!r}, {str(out)!r}, format='oci-dir', compress='gzip',"
+        f" cache=False, cache_repo='docker://{server.host}/ci/x', insecure=True)\n"
+    )  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code], env=a.env(), capture_output=True,
+                       text=True, timeout=30)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    warnings = [x for x in p.stderr.splitlines() if "warning" in x]
+    assert len(warnings) == 1 and "stalled" in warnings[0], p.stderr
+    assert tree(out) == tree(cold)
+
+
+@pytest.mark.parametrize("answer", ["403", "hang up"])
+def test_blobs_the_cache_registry_will_not_give_warn_once_not_per_layer(
+    world, registry, hostile, tmp_path, answer
+):
+    """The entries are read, then every blob GET fails the same way (refused, or the
+    registry went away): one warning for the registry, the layers built from the store."""
+    a, _, _, _ = world
+    cold = tmp_path / "cold"
+    a.build(cold, "--format", "oci-dir", "--compress", "gzip", "--no-cache")
+
+    def refuse(h, digest: str) -> None:
+        if answer == "403":
+            h.send(403, b'{"errors": [{"code": "DENIED", "message": "no"}]}')
+        else:
+            h.close_connection = True  # no answer at all
+
+    server = hostile()
+    _proxy_entries(server, registry, "ci/bcache", refuse)
+    out = tmp_path / "out"
+    err = a.build(out, "--format", "oci-dir", "--compress", "gzip", "--insecure",
+                  "--cache-repo", f"docker://{server.host}/ci/bcache")  # fmt: skip
+    warnings = [x for x in err.splitlines() if "warning" in x]
+    assert len(warnings) == 1, err
+    assert "blob" in warnings[0] and "built" in warnings[0], err
+    assert tree(out) == tree(cold)

@@ -329,3 +329,29 @@ def test_machine_b_checks_each_blob_once_in_the_cache_and_mounts_it(
     err = capsys.readouterr().err
     assert third.digest == first.digest and third.build.remote_hits == 2
     assert f"entry {tag[:12]}: its blob is missing or not as described" in err
+
+
+def test_a_cache_on_another_registry_warns_once_not_per_layer(world, registry, tmp_path):
+    """A layer is mounted only within one registry: a cache elsewhere can give a push
+    nothing. One warning, not one per layer the cache knows; the image is A's."""
+    a, b, _ = world
+    other = Registry(tmp_path / "other").start()
+    try:
+        cache = f"docker://{other.host}/ci/cache"
+
+        def push(m: Machine, dest: str) -> subprocess.CompletedProcess:
+            argv = [sys.executable, "-m", "fastlayer", "push", str(m.spec), dest, "--insecure",
+                    "-q", "--cache-repo", cache]  # fmt: skip
+            env = {**os.environ, "XDG_CACHE_HOME": str(m.home)}
+            p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+            assert p.returncode == 0, p.stderr
+            return p
+
+        first = push(a, f"docker://{other.host}/team/a:1")  # the entries, written there
+        assert len(entry_tags(other, "ci/cache")) == 3
+        p = push(b, f"docker://{registry.host}/team/b:1")
+    finally:
+        other.stop()
+    assert p.stdout == first.stdout  # the same image
+    warnings = [x for x in p.stderr.splitlines() if "warning" in x]
+    assert len(warnings) == 1 and "another registry" in warnings[0], p.stderr

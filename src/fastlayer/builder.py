@@ -281,7 +281,7 @@ def build(
     else $XDG_CACHE_HOME/fastlayer), False for none, or an open LayerCache.
     cache_repo or cache_from (docker://REG/REPO): a layer cache shared through a
     registry, read (see shared_cache_for_build); insecure, timeout, stall: for
-    that registry, as for push."""
+    that registry, as for push (None: push's defaults; 0: no limit)."""
     from fastlayer.sinks import open_sink
 
     spec = load_spec(spec)
@@ -313,10 +313,15 @@ def shared_cache_for_build(
     if not (cache_repo or cache_from):
         return None
     from fastlayer.cache.remote import RegistryCache, cache_ref
+    from fastlayer.registry import client
 
     source = cache_ref(cache_from, "--cache-from") if cache_from else (
         cache_ref(cache_repo, "--cache-repo")  # type: ignore[arg-type]
     )  # fmt: skip
+    # None (not given): the defaults push has; 0 is no limit, as on the command line
+    for name, default in (("timeout", client.DEADLINE), ("stall", client.STALL)):
+        if kw.get(name) is None:
+            kw[name] = default
     return RegistryCache(source, None, **kw)
 
 
@@ -472,7 +477,7 @@ def _sources(
     fetching = to_file and recipes.remote is not None and may_fetch(stores)
     if skips is not None or fetching:
         recipes.by_content()  # worth a read of the files only where a skip saves more
-    if (skips is not None and not to_file) or fetching:
+    if (skips is not None and not to_file and getattr(sink, "takes_shared", True)) or fetching:
         recipes.ask_remote()
     fetched = recipes.fetches(stores, makers) if to_file else [None] * len(makers)
     held = _held(skips, recipes.known)
@@ -521,7 +526,8 @@ def _add_layer(sink: ImageSink, source: LayerSource, comment: str, recipes: Reci
         assert recipes.remote is not None
         recipes.remote.stats.failed += 1
         recipes.remote_held -= 1
-        recipes.remote.warn(f"layer cache {recipes.remote.source} {e}; the layer is built")
+        if not e.quiet:
+            recipes.remote.warn(f"layer cache {recipes.remote.source} {e}; the layer is built")
         stream = fallback()
         recipes.read_bytes += stream.size or 0
         return sink.add_layer(StreamSource(stream), comment)

@@ -21,13 +21,12 @@ overrides the rule (measurements, tests).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 from fastlayer.errors import FastlayerError
@@ -41,6 +40,8 @@ QUEUED = 8  # chunks between the download and the decompressing thread: bounds m
 
 class HintFailed(FastlayerError):
     """The blob a shared cache entry named could not be had, or was not what it said."""
+
+    quiet = False  # the cache warned of the cause already, for every layer
 
 
 def policy() -> str:
@@ -93,9 +94,7 @@ class FetchedLayer:
         self.fallback = fallback
         self.as_blob = as_blob
         self.future: Future[tuple[Spool, str]] | None = None
-
-    def start(self, pool: ThreadPoolExecutor) -> None:
-        self.future = pool.submit(self._download)
+        self.stop = threading.Event()  # set by Prefetch.close
 
     def _download(self) -> tuple[Spool, str]:
         spool = Spool(None)
@@ -128,7 +127,13 @@ class FetchedLayer:
     def _take(self) -> tuple[Spool, str]:
         """The checked download (HintFailed if it was not what the entry says)."""
         future, self.future = self.future, None
-        return future.result() if future is not None else self._download()
+        if future is None:
+            return self._download()
+        try:
+            return future.result()
+        except BaseException:  # HintFailed, or Ctrl-C while waiting: its spool is closed
+            future.add_done_callback(_close_spool)
+            raise
 
     def _copy_out(self, write: Callable[[memoryview], object]) -> str:
         spool, diff_id = self._take()
@@ -145,11 +150,11 @@ class FetchedLayer:
         return diff_id
 
     def discard(self) -> None:
-        """Not to be used: its download stopped or its spool closed."""
+        """Not to be used: its download stopped, its spool closed when it ends (never
+        waited for: a download the registry trickles would hold up Ctrl-C)."""
         future, self.future = self.future, None
         if future is not None and not future.cancel():
-            with contextlib.suppress(BaseException):
-                future.result()[0].close()
+            future.add_done_callback(_close_spool)
 
     def _run(self, blob_out: Callable | None, layer_out: Callable | None) -> str:
         """Download; blob_out gets the blob's bytes, layer_out the decompressed ones."""
@@ -168,6 +173,8 @@ class FetchedLayer:
         try:
             try:
                 for chunk in self.chunks(self.digest):
+                    if self.stop.is_set():  # the build ended: no one will take it
+                        raise self._failed("its download was stopped")
                     got += len(chunk)
                     if got > self.blob_size:
                         raise self._failed(f"its blob is larger than the {self.blob_size} bytes "
@@ -185,7 +192,9 @@ class FetchedLayer:
             except HintFailed:
                 raise
             except FastlayerError as e:
-                raise self._failed(f"its blob could not be read ({e})") from None
+                failed = self._failed(f"its blob could not be read ({e})")
+                failed.quiet = getattr(e, "quiet", False)
+                raise failed from None
         finally:
             if not plain:
                 _put_end(todo, worker)
@@ -212,29 +221,56 @@ class FetchedLayer:
 class Prefetch:
     """Downloads of FetchedLayers run AHEAD at once, in image order, while the sink
     writes earlier layers: one after another, each would wait on its request.
-    Done ones wait in their spools (temporary files, not memory) until taken."""
+    Done ones wait in their spools (temporary files, not memory) until taken.
+
+    The downloading threads are daemons, never joined: a build that ends (an
+    error, Ctrl-C, SIGTERM) stops them at their next chunk and leaves at once,
+    where a registry trickling a blob would otherwise keep it until the deadline."""
 
     AHEAD = 4
 
     def __init__(self, layers: list[FetchedLayer]):
         self.layers = layers
-        self.pool = ThreadPoolExecutor(self.AHEAD, "fastlayer-fetch") if layers else None
-        for layer in layers:
-            assert self.pool is not None
-            layer.start(self.pool)
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._next = 0
+        # the workers' own list: a layer's future attribute is emptied when it is taken
+        self.futures: list[Future[tuple[Spool, str]]] = [Future() for _ in layers]
+        for layer, future in zip(layers, self.futures, strict=True):
+            layer.stop, layer.future = self.stop, future
+        for _ in range(min(self.AHEAD, len(layers))):
+            threading.Thread(target=self._work, name="fastlayer-fetch", daemon=True).start()
+
+    def _work(self) -> None:
+        while not self.stop.is_set():
+            with self._lock:
+                if self._next >= len(self.layers):
+                    return
+                k, self._next = self._next, self._next + 1
+            layer, future = self.layers[k], self.futures[k]
+            if not future.set_running_or_notify_cancel():
+                continue  # taken or discarded before its turn
+            try:
+                future.set_result(layer._download())
+            except BaseException as e:
+                future.set_exception(e)
 
     def close(self) -> None:
         """Stop what is left (a build that failed): nothing keeps a spool."""
+        self.stop.set()
         for layer in self.layers:
             layer.discard()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> Prefetch:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_spool(future: Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result()[0].close()
 
 
 class _Longer(Exception):

@@ -50,7 +50,7 @@ from fastlayer.model import (
     MT_OCI_LAYER_ZSTD,
     MT_OCI_MANIFEST,
 )
-from fastlayer.registry.client import Registry
+from fastlayer.registry.client import Registry, RegistryError
 from fastlayer.registry.reference import Reference, parse_reference
 
 ARTIFACT = "application/vnd.fastlayer.cache.entry.v1+json"
@@ -109,6 +109,7 @@ class RegistryCache:
         self._lock = threading.Lock()
         self._warned: set[str] = set()
         self._read_off = self._write_off = False
+        self._fetch_off = False  # its blobs cannot be read (blob_chunks)
         self._empty_in: set[str] = set()  # repositories known to hold the "{}" config
         self._sizes: dict[tuple[str, str], Future] = {}  # (repository, blob) -> size: HEAD
 
@@ -234,14 +235,30 @@ class RegistryCache:
 
     def blob_chunks(self, digest: str) -> Iterator[bytes]:
         """A blob of the source repository as it comes, unchecked (cache/fetch.py checks
-        it); FastlayerError when it cannot be read."""
+        it); FastlayerError when it cannot be read. A failure that is the registry's,
+        not the blob's (refused, unreachable, stalled: anything but a 404) warns once
+        and ends every later download at once, raised as quiet: no warning per layer,
+        nor a request per layer that would wait out the same failure."""
         assert self.source is not None
-        reg, repo = self._reg(self.source), self.source.repository
-        r = reg.get_blob(repo, digest)
+        src = self.source
+        if self._fetch_off:
+            raise _Quiet(f"layer cache {src}: blobs are not read")
+        reg, repo = self._reg(src), src.repository
         try:
-            yield from reg.chunks(r, f"GET blob {digest[:19]} of {repo}")
-        finally:
-            r.close()
+            r = reg.get_blob(repo, digest)
+            try:
+                yield from reg.chunks(r, f"GET blob {digest[:19]} of {repo}")
+            finally:
+                r.close()
+        except FastlayerError as e:
+            if isinstance(e, RegistryError) and e.status == 404:
+                raise  # that blob is gone: that entry's business
+            with self._lock:
+                first, self._fetch_off = not self._fetch_off, True
+            if first:
+                self.warn(f"layer cache {src}: its blobs cannot be read "
+                          f"({untrusted.short(e, 300)}); the layers are built")  # fmt: skip
+            raise _Quiet(str(e)) from None
 
     # -- writing ----------------------------------------------------------------------
 
@@ -360,6 +377,12 @@ def entry_manifest(entry: Entry) -> bytes:
         "annotations": {ANN_DIFF_ID: entry.diff_id, ANN_SIZE: str(entry.size)},
     }
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+class _Quiet(FastlayerError):
+    """A failure already warned of once for the whole cache."""
+
+    quiet = True
 
 
 def parse_entry(doc: object, where: str) -> Hit:

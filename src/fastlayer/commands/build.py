@@ -140,7 +140,7 @@ def shared_build_cache(args: argparse.Namespace) -> dict:
     """build's keyword arguments for the shared cache and its registry."""
     return {"cache_repo": args.cache_repo, "cache_from": args.cache_from,
             "cache_to": args.cache_to, "insecure": args.insecure, "timeout": args.timeout,
-            "stall": args.stall_timeout or None}  # fmt: skip
+            "stall": args.stall_timeout}  # fmt: skip
 
 
 def run_batch(args: argparse.Namespace) -> int:

@@ -203,6 +203,7 @@ class RegistrySink:
         # cache's source_size (cache/remote.py), one HEAD per blob for a whole batch
         self.source_size: Callable[[Registry, str, str], int | None] = _blob_size
         self.mount_fallback: str | None = None  # that cache's repository, for other blobs
+        self.takes_shared = True  # False: the shared cache is on another registry
         self._bar = _bar() if progress else None
         # Compress as produced when the cache knows nothing of this repository (a first
         # push: few hits expected); else spool first, so a cache hit skips compression.
@@ -673,6 +674,14 @@ def push_spec(
         sink.mount_sources = remote.blob_sources  # hits are mounted from there
         sink.mount_fallback = remote.source.repository  # so is any blob it holds
         sink.source_size = remote.source_size
+    elif remote is not None and remote.source is not None:
+        # a blob is mounted only within one registry: a cache elsewhere can give this
+        # push no layer, and each hit would fail the target's check (a warning per
+        # layer), so it is not read
+        sink.takes_shared = False
+        if remote.target != remote.source:  # else store() says so, once
+            remote.warn(f"layer cache {remote.source} is on another registry than "
+                        f"{dest.registry}: no layer can be mounted from it; not read")  # fmt: skip
 
     built: list = []
 
