@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from fastlayer.registry.push import push_spec
+from fastlayer.publish import push_spec
 
 
 @pytest.mark.validators

@@ -41,7 +41,7 @@ from cache_helpers import (
 import fastlayer
 from fastlayer.cli import main
 from fastlayer.errors import CacheMismatch
-from fastlayer.registry.push import push_spec
+from fastlayer.publish import push_spec
 
 
 @pytest.fixture(scope="module")

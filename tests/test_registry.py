@@ -23,8 +23,9 @@ from registry_fixture import Registry, token_registry
 
 import fastlayer
 from fastlayer.errors import DigestMismatch, FastlayerError
+from fastlayer.publish import push_spec
 from fastlayer.registry.pull import pull
-from fastlayer.registry.push import push_image, push_spec
+from fastlayer.registry.push import push_image
 
 pytestmark = pytest.mark.validators
 # where the fastlayer under test lives (site-packages once installed, src/ in a dev tree)

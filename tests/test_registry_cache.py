@@ -23,7 +23,7 @@ from registry_fixture import Registry
 
 from fastlayer import untrusted
 from fastlayer.cache.remote import ARTIFACT, parse_entry
-from fastlayer.registry.push import push_spec
+from fastlayer.publish import push_spec
 
 PACKAGES = {
     "libc-2.40": {"lib/libc.so": b"libc" * 50000, "share/deep/a/b/c.txt": b"deep\n" * 999},

@@ -41,7 +41,7 @@ _LAZY = {
     "scan_store": "fastlayer.nix.scan",
     "pull": "fastlayer.registry.pull",
     "push_image": "fastlayer.registry.push",
-    "push_spec": "fastlayer.registry.push",
+    "push_spec": "fastlayer.publish",
     "build_many": "fastlayer.batch",
     "push_many": "fastlayer.batch",
     "BatchResult": "fastlayer.batch",

@@ -202,8 +202,8 @@ def push_many(
     """Push every spec's image to prefix/<last component of its name>:<tag>
     (with shard, those of shard K of N only)."""
     from fastlayer.cache.remote import RegistryCache
+    from fastlayer.publish import push_spec
     from fastlayer.registry.client import STALL
-    from fastlayer.registry.push import push_spec
     from fastlayer.registry.reference import parse_reference
 
     dest = parse_reference(prefix)
@@ -511,7 +511,7 @@ def build_index(
     under the specs' common `name:tag` (which they must share). Returns the batch
     and the index's digest; when an image fails, no index is written and the
     layout is left as it was (a new one is not created)."""
-    from fastlayer.registry.push import platform_of
+    from fastlayer.publish import platform_of
     from fastlayer.sinks.oci import add_image_index
 
     names = [os.fspath(s) if isinstance(s, (str, os.PathLike)) else f"spec[{i}]"

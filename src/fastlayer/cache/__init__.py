@@ -18,26 +18,9 @@ from __future__ import annotations
 import os
 
 from fastlayer.cache.store import Entry, LayerCache
+from fastlayer.cachedir import default_root, home_missing
 
 __all__ = ["Entry", "LayerCache", "default_root", "open_cache"]
-
-
-def default_root() -> str:
-    """$FASTLAYER_CACHE, else $XDG_CACHE_HOME/fastlayer, else ~/.cache/fastlayer."""
-    given = os.environ.get("FASTLAYER_CACHE")
-    if given:
-        return given
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "fastlayer")
-
-
-def home_missing() -> bool:
-    """Whether the default cache would live in a home directory that does not
-    exist (a Nix build's /homeless-shelter): then there is no default cache,
-    rather than one that creates it."""
-    if os.environ.get("FASTLAYER_CACHE") or os.environ.get("XDG_CACHE_HOME"):
-        return False
-    return not os.path.isdir(os.path.expanduser("~"))
 
 
 def open_cache(

@@ -57,7 +57,8 @@ def is_spec(path: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from fastlayer.errors import FastlayerError
-    from fastlayer.registry.push import push_image, push_spec
+    from fastlayer.publish import push_spec
+    from fastlayer.registry.push import push_image
 
     common = dict(
         insecure=args.insecure,
@@ -123,7 +124,7 @@ def run_batch(args: argparse.Namespace, common: dict) -> int:
 def run_index(args: argparse.Namespace, common: dict) -> int:
     """--index: one image per platform, then the index that names them."""
     from fastlayer.errors import FastlayerError
-    from fastlayer.registry.push import push_index
+    from fastlayer.publish import push_index
 
     images = [s for s in args.source if not is_spec(s)]
     if images:

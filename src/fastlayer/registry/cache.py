@@ -57,7 +57,7 @@ class Blob:
 
 
 def cache_path() -> str:
-    from fastlayer.cache import default_root
+    from fastlayer.cachedir import default_root
 
     return os.path.join(default_root(), "registry-blobs.json")
 
@@ -105,7 +105,7 @@ class BlobCache:
             added, self._added = self._added, []
         if not added or not self.persist:
             return
-        from fastlayer.cache import home_missing
+        from fastlayer.cachedir import home_missing
 
         if self.path == cache_path() and home_missing():
             return  # no home to keep a cache in (a Nix build): never create one
