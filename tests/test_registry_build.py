@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import machines
 import pytest
 import validators
 from closures import make_closure
@@ -44,28 +45,8 @@ OCI = "application/vnd.oci.image.manifest.v1+json"
 OWN = {name: {**files, "share/own": b"damaged-entry test\n"} for name, files in PACKAGES.items()}
 
 
-class Machine:
-    """A store (a copy of the closure under its own root) and a cache home of its own."""
-
-    def __init__(self, base: Path, name: str, origin: Path, paths: dict[str, str]):
-        self.base = base / name
-        self.root = self.base / "root"
-        shutil.copytree(origin, self.root, symlinks=True)
-        self.home = self.base / "xdg"
-        spec = {
-            "name": "app", "tag": "1", "store_root": str(self.root),
-            "created": "2024-01-01T00:00:00Z",
-            "contents": {"store_paths": [paths["app-1"]], "graph": str(self.root / "graph.json")},
-            "config": {"Cmd": ["/bin/app"]},
-        }  # fmt: skip
-        self.spec = self.base / "app.json"
-        self.spec.write_text(json.dumps(spec))
-
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {**os.environ, "XDG_CACHE_HOME": str(self.home), **extra}
-        env.pop("FASTLAYER_CACHE", None)
-        env.pop("FASTLAYER_CACHE_FETCH", None)
-        return {**env, **extra}
+class Machine(machines.Machine):
+    """A machine that builds, and whose store can be spoiled."""
 
     def build(self, out: Path, *flags: str, env: dict | None = None) -> str:
         """`fastlayer build` in a child process; its stderr. Without env, with an empty

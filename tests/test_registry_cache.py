@@ -13,8 +13,8 @@ import subprocess
 import sys
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
+import machines
 import pytest
 import validators
 from closures import make_closure
@@ -34,21 +34,8 @@ REFS = {"libssl-3.0": ["libc-2.40"], "app-1": ["libssl-3.0", "libc-2.40"]}
 OCI = "application/vnd.oci.image.manifest.v1+json"
 
 
-class Machine:
-    """A store (a copy of the closure under its own root) and a cache home of its own."""
-
-    def __init__(self, base: Path, name: str, origin: Path, paths: dict[str, str]):
-        self.root = base / name / "root"
-        shutil.copytree(origin, self.root, symlinks=True)
-        self.home = base / name / "xdg"
-        spec = {
-            "name": "app", "tag": "1", "store_root": str(self.root),
-            "created": "2024-01-01T00:00:00Z",
-            "contents": {"store_paths": [paths["app-1"]], "graph": str(self.root / "graph.json")},
-            "config": {"Cmd": ["/bin/app"]},
-        }  # fmt: skip
-        self.spec = base / name / "app.json"
-        self.spec.write_text(json.dumps(spec))
+class Machine(machines.Machine):
+    """A machine that pushes in this process."""
 
     def push(self, monkeypatch, dest: str, **kw):
         monkeypatch.setenv("XDG_CACHE_HOME", str(self.home))
