@@ -494,3 +494,25 @@ def test_blobs_the_cache_registry_will_not_give_warn_once_not_per_layer(
     assert len(warnings) == 1, err
     assert "blob" in warnings[0] and "built" in warnings[0], err
     assert tree(out) == tree(cold)
+
+
+@pytest.mark.validators
+def test_a_build_says_what_the_shared_cache_gave(world, tmp_path):
+    """--cache-repo on a build never does nothing silently: one stderr line says
+    how many layers came from the registry, or why it was not asked."""
+    _, b, _, cache = world
+
+    def build(out: Path, *flags: str) -> list[str]:
+        argv = [sys.executable, "-m", "fastlayer", "build", str(b.spec), "-o", str(out),
+                "--cache-repo", cache, "--insecure", *flags]  # fmt: skip
+        p = subprocess.run(argv, env=b.env(XDG_CACHE_HOME=str(out) + ".xdg"),
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        return p.stderr.splitlines()
+
+    lines = build(tmp_path / "layout", "--format", "oci-dir", "--compress", "gzip")
+    assert lines == ["fastlayer: shared layer cache: 3 of 3 layers downloaded (gzip blobs), "
+                     "the rest built from the store"]  # fmt: skip
+    lines = build(tmp_path / "image.tar")
+    assert len(lines) == 1 and "shared layer cache not asked" in lines[0], lines
+    assert "uncompressed" in lines[0]

@@ -66,6 +66,7 @@ class BuildResult:
     copied: int = 0  # layers copied from an earlier image of the same batch
     layer_keys: list[str | None] = field(default_factory=list)  # recipe keys, image order
     remote_hits: int = 0  # layers a registry-shared cache named and the sink held
+    remote_asked: int = 0  # keys the shared cache was asked for (0: not asked)
     # (portable key, entry) of this image's layers that the shared cache lacked
     remote_new: list[Any] = field(default_factory=list)
 
@@ -435,6 +436,7 @@ def build_into(
     result.copied = sum(x is not None for x in recipes.copied)
     result.layer_keys = [None] * n_base + recipes.keys + [None]  # per layer, image order
     result.remote_hits, result.remote_new = recipes.remote_held, recipes.remote_new
+    result.remote_asked = recipes.remote.stats.asked if recipes.remote is not None else 0
     return result
 
 
