@@ -516,3 +516,15 @@ def test_a_build_says_what_the_shared_cache_gave(world, tmp_path):
     lines = build(tmp_path / "image.tar")
     assert len(lines) == 1 and "shared layer cache not asked" in lines[0], lines
     assert "uncompressed" in lines[0]
+    # --cache-from only, the local cache already knowing every layer: nothing to ask
+    home = {"XDG_CACHE_HOME": str(tmp_path / "warm.xdg")}
+    for out in ("warm1", "warm2"):
+        argv = [sys.executable, "-m", "fastlayer", "build", str(b.spec), "-o",
+                str(tmp_path / out), "--cache-from", cache, "--insecure",
+                "--format", "oci-dir", "--compress", "gzip"]  # fmt: skip
+        p = subprocess.run(argv, env=b.env(**home), capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+        assert p.returncode == 0, p.stderr
+    assert p.stderr.splitlines() == ["fastlayer: shared layer cache: no layer asked for (each "
+                                     "known to the local cache, or without a portable key: "
+                                     "no narHash in the graph)"]  # fmt: skip

@@ -66,7 +66,8 @@ class BuildResult:
     copied: int = 0  # layers copied from an earlier image of the same batch
     layer_keys: list[str | None] = field(default_factory=list)  # recipe keys, image order
     remote_hits: int = 0  # layers a registry-shared cache named and the sink held
-    remote_asked: int = 0  # keys the shared cache was asked for (0: not asked)
+    remote_asked: int = 0  # keys the shared cache was asked for
+    remote_fetch: bool = False  # a file output that may take layers from the shared cache
     # (portable key, entry) of this image's layers that the shared cache lacked
     remote_new: list[Any] = field(default_factory=list)
 
@@ -437,6 +438,7 @@ def build_into(
     result.layer_keys = [None] * n_base + recipes.keys + [None]  # per layer, image order
     result.remote_hits, result.remote_new = recipes.remote_held, recipes.remote_new
     result.remote_asked = recipes.remote.stats.asked if recipes.remote is not None else 0
+    result.remote_fetch = recipes.fetching
     return result
 
 
@@ -477,6 +479,7 @@ def _sources(
     to_file = hasattr(sink, "stores_blob")
     stores = getattr(sink, "stores_blob", None)
     fetching = to_file and recipes.remote is not None and may_fetch(stores)
+    recipes.fetching = fetching
     if skips is not None or fetching:
         recipes.by_content()  # worth a read of the files only where a skip saves more
     if (skips is not None and not to_file and getattr(sink, "takes_shared", True)) or fetching:
@@ -595,6 +598,7 @@ class Recipes:
         self.remote_held = 0  # layers the shared cache named and the sink held
         self.remote_new: list[tuple[str, Any]] = []  # (portable key, Entry) to share
         self.reused = 0  # layers the sink already held: never read
+        self.fetching = False  # layers may come from the shared cache as downloads
         self.read_bytes = 0  # bytes of the layers produced from disk
         self.base = base.layers if base is not None else []
         n = len(store_paths) + len(files)

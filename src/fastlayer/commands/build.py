@@ -140,9 +140,12 @@ def run_build(args: argparse.Namespace) -> int:
 
 def shared_cache_line(result, compress: str) -> str:
     """What the shared cache gave a build: a flag that did nothing says why."""
-    if not result.remote_asked:
+    if not result.remote_fetch:
         return ("shared layer cache not asked: this output stores layers uncompressed, "
                 "and reading the store was measured faster than downloading them")  # fmt: skip
+    if not result.remote_asked:
+        return ("shared layer cache: no layer asked for (each known to the local cache, "
+                "or without a portable key: no narHash in the graph)")  # fmt: skip
     return (
         f"shared layer cache: {result.remote_hits} of {result.remote_asked} layers "
         f"downloaded ({compress} blobs), the rest built from the store"
