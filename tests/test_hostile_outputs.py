@@ -591,3 +591,18 @@ def test_closed_stdout_is_no_traceback(tmp_path):
     r = subprocess.run(["sh", "-c", f'exec "$0" -m fastlayer rank {graph} >&-', sys.executable],
                        stderr=subprocess.PIPE, timeout=60, env=env_for(tmp_path))  # fmt: skip
     assert r.returncode == 0 and r.stderr == b"", r.stderr.decode()
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_reader_gone_early_is_quiet(tmp_path, unbuffered):
+    """`fastlayer inspect IMAGE | true`: the reader is gone before the lines are
+    written; exit 1 with nothing on stderr (no 'Exception ignored ...
+    BrokenPipeError' from the flush at exit)."""
+    image = tmp_path / "image.tar"
+    assert cli(tmp_path, "build", str(small_spec(tmp_path)), "-o", str(image)).returncode == 0
+    r = subprocess.run(["bash", "-c", 'set -o pipefail; "$0" -m fastlayer inspect '
+                        '"$1" | true', sys.executable, str(image)],
+                       stderr=subprocess.PIPE, timeout=60,
+                       env={**env_for(tmp_path), "PYTHONUNBUFFERED": unbuffered})  # fmt: skip
+    assert r.stderr == b"", r.stderr.decode()
+    assert r.returncode == 1

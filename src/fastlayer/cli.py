@@ -121,7 +121,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"fastlayer: error: {one_line(str(e))}", file=sys.stderr)
         return 1
     except BrokenPipeError:
-        # The reader went away (e.g. `| head`): not our error to report.
+        # The reader went away (e.g. `| head`): not our error to report. What is
+        # still buffered goes nowhere, or its flush at exit fails again, loudly.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except OSError as e:
         # Environment failures (disk full, unwritable output): one line, no traceback.
