@@ -507,6 +507,43 @@ static void drop_behind(P *s)
     g->dropped = upto;
 }
 
+/* A node's columns, appended (closure < 0: none, so not every node has one). */
+static int push_node(fg_graph *g, int32_t path_id, int64_t nar_size, int64_t closure,
+                     int64_t hash_off, uint32_t hash_len, int64_t drv_off, uint32_t drv_len,
+                     int64_t nrefs)
+{
+    if (g->n == g->cap) {
+        size_t c = g->cap ? g->cap * 2 : 4096;
+#define RE(f)                                                   \
+        do {                                                    \
+            void *q_ = realloc(g->f, c * sizeof *g->f);         \
+            if (!q_) return FG_NOMEM;                           \
+            g->f = q_;                                          \
+        } while (0)
+        RE(path_id);
+        RE(nar_size);
+        RE(closure_size);
+        RE(hash_off);
+        RE(drv_off);
+        RE(hash_len);
+        RE(drv_len);
+        RE(ref_count);
+#undef RE
+        g->cap = c;
+    }
+    size_t i = g->n++;
+    g->path_id[i] = path_id;
+    g->nar_size[i] = nar_size;
+    g->closure_size[i] = closure;
+    if (closure < 0) g->all_closure = 0;
+    g->hash_off[i] = hash_off;
+    g->hash_len[i] = hash_len;
+    g->drv_off[i] = drv_off;
+    g->drv_len[i] = drv_len;
+    g->ref_count[i] = nrefs;
+    return 0;
+}
+
 /* One node object. path_id >= 0: the path was its key (dict form, base names
  * allowed); else it comes from its "path" member. *had_info: it holds narHash
  * or references (what makes an object a path-info dict). */
@@ -601,36 +638,8 @@ static int node(P *s, int32_t path_id, int *had_info)
     }
     if (had_info) *had_info = seen_refs || seen_hash;
     if (path_id < 0) return FG_OTHER;
-    size_t i = g->n;
-    if (i == g->cap) {
-        size_t c = g->cap ? g->cap * 2 : 4096;
-#define RE(f)                                                   \
-        do {                                                    \
-            void *q_ = realloc(g->f, c * sizeof *g->f);         \
-            if (!q_) return FG_NOMEM;                           \
-            g->f = q_;                                          \
-        } while (0)
-        RE(path_id);
-        RE(nar_size);
-        RE(closure_size);
-        RE(hash_off);
-        RE(drv_off);
-        RE(hash_len);
-        RE(drv_len);
-        RE(ref_count);
-#undef RE
-        g->cap = c;
-    }
-    g->path_id[i] = path_id;
-    g->nar_size[i] = nar_size < 0 ? 0 : nar_size;
-    g->closure_size[i] = closure;
-    if (closure < 0) g->all_closure = 0;
-    g->hash_off[i] = hash_off;
-    g->hash_len[i] = hash_len;
-    g->drv_off[i] = drv_off;
-    g->drv_len[i] = drv_len;
-    g->ref_count[i] = (int64_t)(g->nrefs - first_ref);
-    g->n++;
+    TRY(push_node(g, path_id, nar_size < 0 ? 0 : nar_size, closure, hash_off, hash_len,
+                  drv_off, drv_len, (int64_t)(g->nrefs - first_ref)));
     drop_behind(s);
     return 0;
 }
@@ -924,40 +933,6 @@ static int line_int(const unsigned char *s, size_t n, int64_t *out)
     return 0;
 }
 
-static int push_node(fg_graph *g, int32_t path_id, int64_t nar_size, int64_t hash_off,
-                     uint32_t hash_len, int64_t drv_off, uint32_t drv_len, int64_t nrefs)
-{
-    if (g->n == g->cap) {
-        size_t c = g->cap ? g->cap * 2 : 4096;
-#define RE(f)                                                   \
-        do {                                                    \
-            void *q_ = realloc(g->f, c * sizeof *g->f);         \
-            if (!q_) return FG_NOMEM;                           \
-            g->f = q_;                                          \
-        } while (0)
-        RE(path_id);
-        RE(nar_size);
-        RE(closure_size);
-        RE(hash_off);
-        RE(drv_off);
-        RE(hash_len);
-        RE(drv_len);
-        RE(ref_count);
-#undef RE
-        g->cap = c;
-    }
-    size_t i = g->n++;
-    g->path_id[i] = path_id;
-    g->nar_size[i] = nar_size;
-    g->closure_size[i] = -1;
-    g->hash_off[i] = hash_off;
-    g->hash_len[i] = hash_len;
-    g->drv_off[i] = drv_off;
-    g->drv_len[i] = drv_len;
-    g->ref_count[i] = nrefs;
-    return 0;
-}
-
 int fg_parse_closure_info(fg_graph *g, const unsigned char *reg, size_t reg_len,
                           const unsigned char *sp, size_t sp_len)
 {
@@ -1002,7 +977,7 @@ int fg_parse_closure_info(fg_graph *g, const unsigned char *reg, size_t reg_len,
             TRY(grow((void **)&g->refs, &g->refs_cap, g->nrefs + 1, sizeof *g->refs));
             g->refs[g->nrefs++] = id;
         }
-        TRY(push_node(g, path_id, nar_size, hash_off, hash_len, drv_off, drv_len, count));
+        TRY(push_node(g, path_id, nar_size, -1, hash_off, hash_len, drv_off, drv_len, count));
     }
     /* store-paths, split on what str.split() calls whitespace in ASCII */
     const unsigned char *q = sp, *e = sp + sp_len;

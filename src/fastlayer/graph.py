@@ -120,7 +120,6 @@ class ClosureGraph:
     ) -> ClosureGraph:
         """Build and check a graph from one list per field. Every check is a C-level
         pass (map, zip, numpy); Python loops only run to name a culprit."""
-        from fastlayer._native import rank
 
         names = list(names)
         n = len(names)
@@ -154,20 +153,10 @@ class ClosureGraph:
             )
         except (KeyError, TypeError):
             raise _bad_reference(names, refs, index, source) from None
-        indptr, indices = rank.clean_rows(counts, cols)
-        graph = cls(
-            names=names,
-            indptr=indptr,
-            indices=indices,
-            nar_size=nar_size,
-            nar_hash=hashes,
-            closure_size=closure_size,
-            deriver=list(derivers) if any(d is not None for d in derivers) else None,
-            store_dir=store_dir,
-            _index=index,
-        )
-        _check_acyclic(graph, source)
-        return graph
+        return _assembled(
+            names, counts, cols, nar_size, hashes, closure_size, list(derivers), store_dir,
+            source, index,
+        )  # fmt: skip
 
 
 def _int_column(
@@ -322,11 +311,21 @@ def _load_native(f: Any, key: str | None, store_dir: str, source: str) -> Closur
 
 def _native_graph(cols: tuple | None, store_dir: str, source: str) -> ClosureGraph | None:
     """A graph from graphload's columns (None passes through)."""
-    from fastlayer._native import rank
 
     if cols is None:
         return None
-    names, counts, refs, nar_size, hashes, closure_size, derivers = cols
+    return _assembled(*cols, store_dir, source)
+
+
+def _assembled(
+    names: list[str], counts: np.ndarray, refs: np.ndarray, nar_size: np.ndarray,
+    hashes: list, closure_size: np.ndarray | None, derivers: list, store_dir: str,
+    source: str, index: dict[str, int] | None = None,
+) -> ClosureGraph:  # fmt: skip
+    """The graph of checked columns (refs: row ids, `counts` per row), its rows
+    cleaned (no self or repeated references) and checked to have no cycle."""
+    from fastlayer._native import rank
+
     indptr, indices = rank.clean_rows(counts, refs)
     graph = ClosureGraph(
         names=names,
@@ -337,6 +336,7 @@ def _native_graph(cols: tuple | None, store_dir: str, source: str) -> ClosureGra
         closure_size=closure_size,
         deriver=derivers if any(d is not None for d in derivers) else None,
         store_dir=store_dir,
+        _index=index,
     )
     _check_acyclic(graph, source)
     return graph

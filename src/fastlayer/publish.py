@@ -20,8 +20,8 @@ from fastlayer.registry.push import (
     PushResult,
     PushStats,
     RegistrySink,
-    _registry,
-    _run,
+    open_registry,
+    run_push,
 )
 from fastlayer.registry.reference import parse_reference
 from fastlayer.sinks.base import ImageRecord
@@ -49,7 +49,7 @@ def push_spec(
         raise FastlayerError(f"{dest_text}: push to a tag, not a digest")
     spec = load_spec(spec)
     kind = compress or (spec.compression if spec.compression != "none" else "gzip")
-    reg = _registry(dest, insecure, workers, timeout, stall)
+    reg = open_registry(dest, insecure, workers, timeout, stall)
     sink = RegistrySink(reg, dest.repository, kind, workers, progress, cache)
     sink.untagged = untagged
     own = remote is None
@@ -82,7 +82,7 @@ def push_spec(
         return built[0].record, built[0].tag
 
     try:
-        result = _run(dest, sink, body)
+        result = run_push(dest, sink, body)
         if remote is not None:
             # the entries, and the image's other small blobs (customisation layer, config)
             # mounted there too, so that the next machine uploads none of them
@@ -140,7 +140,7 @@ def push_index(specs: list[Any], dest_text: str, **push: Any) -> PushResult:
     raw = json.dumps(index, indent=2).encode()
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     tag = dest.tag or "latest"
-    reg = _registry(dest, push.get("insecure", False), push.get("workers", WORKERS),
+    reg = open_registry(dest, push.get("insecure", False), push.get("workers", WORKERS),
                     push.get("timeout", DEADLINE), push.get("stall", STALL))  # fmt: skip
     try:
         reg.put_manifest(dest.repository, digest, raw, MT_OCI_INDEX)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from fastlayer.commands import add_graph_arguments
 from fastlayer.graph import load_graph
 from fastlayer.plan import ranked_lines
-from fastlayer.sinks.output import write_output, write_stdout
+from fastlayer.sinks.output import write_output
 
 
 def register(subparsers: Any) -> None:
@@ -28,5 +29,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output and args.output != "-":
         write_output(args.output, text)  # the -o rules of every command
     else:
-        write_stdout(text)
+        # stdout's buffer writes it all or raises (cli: _whole_writes)
+        sys.stdout.buffer.write(text)
+        sys.stdout.flush()
     return 0

@@ -495,15 +495,17 @@ def _bar():
 # -- what push drives -----------------------------------------------------------------
 
 
-def _registry(
+def open_registry(
     dest: Reference, insecure: bool, workers: int, timeout: float | None, stall: float | None
 ) -> Registry:
+    """The client for dest's registry, with a connection per worker and two spare."""
     return Registry(
         dest.registry, dest.api_host, insecure, pool=workers + 2, timeout=timeout, stall=stall
     )
 
 
-def _run(dest: Reference, sink: RegistrySink, body: Callable[[], tuple[ImageRecord, str]]):
+def run_push(dest: Reference, sink: RegistrySink, body: Callable[[], tuple[ImageRecord, str]]):
+    """body() builds into sink; its result as a PushResult, the sink aborted if it fails."""
     try:
         record, tag = body()
     except BaseException:
@@ -531,7 +533,7 @@ def push_image(
         raise FastlayerError(f"image to push does not exist: {path}")
     image = bi.open_image(path, image_tag)
     files = bi._Files(path)  # noqa: SLF001 (raw config bytes and blob descriptors)
-    reg = _registry(dest, insecure, workers, timeout, stall)
+    reg = open_registry(dest, insecure, workers, timeout, stall)
     sink = RegistrySink(reg, dest.repository, compress, workers, progress, cache)
 
     def body() -> tuple[ImageRecord, str]:
@@ -549,7 +551,7 @@ def push_image(
         return sink.finish_raw(raw, tag), tag
 
     try:
-        return _run(dest, sink, body)
+        return run_push(dest, sink, body)
     finally:
         reg.close()
 

@@ -112,20 +112,6 @@ def write_output(path: str, data: bytes) -> None:
             view = view[os.write(fd, view) :]
 
 
-def write_stdout(data: bytes) -> None:
-    """data to stdout, all of it (a terminal too). With PYTHONUNBUFFERED stdout's
-    binary layer is raw: one write() may take part of the data and say so."""
-    sys.stdout.flush()
-    out = sys.stdout.buffer
-    view = memoryview(data)
-    while view:
-        n = out.write(view)
-        if n is None:  # a raw non-blocking stdout that is full
-            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
-        view = view[n:]
-    out.flush()
-
-
 def _open_stream(path: str) -> int:
     """A fifo or character device opened for writing (a fifo waits for its reader)."""
     try:
